@@ -1,0 +1,287 @@
+"""MTCNN (Zhang et al. 2016) face detector: P/R/O-Net cascade, batched over same-size frames.
+
+Facts (layer shapes, pyramid, thresholds, box arithmetic) from timesler/facenet-pytorch
+`models/mtcnn.py` and `models/utils/detect_face.py`, whose weights (`pnet.pt`, `rnet.pt`,
+`onet.pt`) this loads; the cascade reproduces its results while cropping every candidate of every
+frame in one vectorised step instead of one Python call per box.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..convert import load_torch_file, rename_keys
+from ..ops.nms import batched_nms
+from ..registry import UpstreamFile, WeightSpec, register
+from ..types import Detections
+
+
+class PNet(nn.Module):
+    """Proposal net: fully convolutional, 12x12 receptive field, stride 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 10, 3), nn.PReLU(10)
+        self.pool1 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv2, self.prelu2 = nn.Conv2d(10, 16, 3), nn.PReLU(16)
+        self.conv3, self.prelu3 = nn.Conv2d(16, 32, 3), nn.PReLU(32)
+        self.face_logits = nn.Conv2d(32, 2, 1)
+        self.box_offsets = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B,3,H,W) normalised -> face probability (B,h,w), box offsets (B,4,h,w)."""
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
+        return self.face_logits(x).softmax(1)[:, 1], self.box_offsets(x)
+
+
+class RNet(nn.Module):
+    """Refinement net on 24x24 crops."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 28, 3), nn.PReLU(28)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2, self.prelu2 = nn.Conv2d(28, 48, 3), nn.PReLU(48)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3, self.prelu3 = nn.Conv2d(48, 64, 2), nn.PReLU(64)
+        self.fc, self.prelu_fc = nn.Linear(576, 128), nn.PReLU(128)
+        self.face_logits = nn.Linear(128, 2)
+        self.box_offsets = nn.Linear(128, 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(N,3,24,24) -> face probability (N,), box offsets (N,4)."""
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.prelu3(self.conv3(x))
+        # The weights come from TensorFlow: flatten in (W,H,C) order as the original graph did.
+        x = self.prelu_fc(self.fc(x.permute(0, 3, 2, 1).flatten(1)))
+        return self.face_logits(x).softmax(1)[:, 1], self.box_offsets(x)
+
+
+class ONet(nn.Module):
+    """Output net on 48x48 crops: score, box offsets and 5 landmarks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 32, 3), nn.PReLU(32)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2, self.prelu2 = nn.Conv2d(32, 64, 3), nn.PReLU(64)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3, self.prelu3 = nn.Conv2d(64, 64, 3), nn.PReLU(64)
+        self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
+        self.fc, self.prelu_fc = nn.Linear(1152, 256), nn.PReLU(256)
+        self.face_logits = nn.Linear(256, 2)
+        self.box_offsets = nn.Linear(256, 4)
+        self.landmarks = nn.Linear(256, 10)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(N,3,48,48) -> face probability (N,), box offsets (N,4), landmarks (N,10): x1..x5, y1..y5
+        as fractions of the crop."""
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.pool3(self.prelu3(self.conv3(x)))
+        x = self.prelu4(self.conv4(x))
+        x = self.prelu_fc(self.fc(x.permute(0, 3, 2, 1).flatten(1)))
+        return self.face_logits(x).softmax(1)[:, 1], self.box_offsets(x), self.landmarks(x)
+
+
+def normalize(x: Tensor) -> Tensor:
+    """RGB 0..255 -> the [-1, 1] range the nets were trained on."""
+    return (x - 127.5) * 0.0078125
+
+
+def pyramid_scales(h: int, w: int, min_face_size: float, factor: float) -> list[float]:
+    """Scales at which a min_face_size face becomes P-Net's 12 px window, down to 12 px images."""
+    scale = 12.0 / min_face_size
+    side = min(h, w) * scale
+    scales = []
+    while side >= 12:
+        scales.append(scale)
+        scale *= factor
+        side *= factor
+    return scales
+
+
+def square(boxes: Tensor) -> Tensor:
+    """Grow each box to a square around its centre (side = the longer edge)."""
+    wh = boxes[:, 2:4] - boxes[:, 0:2]
+    side = wh.max(1, keepdim=True).values
+    x1y1 = boxes[:, 0:2] + wh * 0.5 - side * 0.5
+    return torch.cat([x1y1, x1y1 + side], 1)
+
+
+def apply_offsets(boxes: Tensor, offsets: Tensor, inclusive: bool = True) -> Tensor:
+    """Move box edges by offsets scaled by the box size (inclusive pixel count, as upstream)."""
+    wh = boxes[:, 2:4] - boxes[:, 0:2] + (1 if inclusive else 0)
+    return boxes + offsets * wh.repeat(1, 2)
+
+
+class IntegralCropper:
+    """Resizes many boxes of a batch to a fixed size with area averaging, all at once.
+
+    Area resampling (what facenet-pytorch's per-box `interpolate(mode="area")` does) averages
+    input pixels over each output cell; with a summed-area table (float64: exact for 8-bit
+    sums), every cell of every box is four lookups, so N boxes cost one gather.
+    """
+
+    def __init__(self, images: Tensor):
+        b, c, h, w = images.shape
+        table = images.double().cumsum(2).cumsum(3)
+        self.table = F.pad(table, (1, 0, 1, 0))  # table[..., r, c] = sum of images[..., :r, :c]
+        self.h, self.w = h, w
+
+    def crops(self, boxes: Tensor, image_index: Tensor, size: int) -> tuple[Tensor, Tensor]:
+        """Crops (M,3,size,size) of the in-image part of each box (upstream's clipping rules),
+        and the indices of the boxes that had a non-empty part."""
+        b = boxes.trunc().long()
+        x0, y0 = (b[:, 0] - 1).clamp(min=0), (b[:, 1] - 1).clamp(min=0)
+        x1, y1 = b[:, 2].clamp(max=self.w), b[:, 3].clamp(max=self.h)
+        valid = torch.nonzero((x1 > x0) & (y1 > y0)).flatten()
+        x0, y0, x1, y1, img = x0[valid], y0[valid], x1[valid], y1[valid], image_index[valid]
+        i = torch.arange(size, device=boxes.device)
+
+        def edges(start, length):  # adaptive-average-pool bins: [floor(i*L/s), ceil((i+1)*L/s))
+            lo = start[:, None] + (i[None] * length[:, None]) // size
+            hi = start[:, None] - ((-(i[None] + 1) * length[:, None]) // size)
+            return lo, hi
+
+        r0, r1 = edges(y0, y1 - y0)
+        c0, c1 = edges(x0, x1 - x0)
+        b_, ch, th, tw = self.table.shape
+        flat = self.table.view(-1)
+        # Linear index of (image, channel) planes, so one gather serves every box of every frame.
+        plane = (img[:, None] * ch + torch.arange(ch, device=boxes.device)[None]) * (th * tw)
+
+        def at(rows, cols):
+            idx = plane[:, :, None, None] + (rows[:, None, :, None] * tw + cols[:, None, None, :])
+            return flat[idx]
+
+        area = ((r1 - r0)[:, :, None] * (c1 - c0)[:, None, :]).unsqueeze(1)
+        sums = at(r1, c1) - at(r0, c1) - at(r1, c0) + at(r0, c0)
+        return (sums / area).float(), valid
+
+
+class MTCNN(nn.Module):
+    """The three nets; `detect` runs the cascade on a batch of same-size frames."""
+
+    def __init__(self, min_face_size: float = 20, thresholds=(0.6, 0.7, 0.7), factor: float = 0.709):
+        super().__init__()
+        self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
+        self.min_face_size, self.thresholds, self.factor = min_face_size, tuple(thresholds), factor
+
+    def forward(self, x: Tensor):  # the cascade is not one forward; see detect()
+        raise NotImplementedError("MTCNN is a cascade: call detect(images)")
+
+    @torch.inference_mode()
+    def detect(self, images: Tensor, min_score: float | None = None) -> Detections:
+        """images (B,3,H,W) float RGB 0..255 on the model's device -> Detections."""
+        t1, t2, t3 = self.thresholds
+        if min_score is not None:
+            t3 = min_score
+        dev = images.device
+        h, w = images.shape[2:]
+        boxes, scores, offsets, img_idx = self._propose(images, h, w, t1)
+        if len(boxes) == 0:
+            return Detections.empty(dev)
+        boxes = square(apply_offsets(boxes, offsets, inclusive=False))
+        cropper = IntegralCropper(images)
+
+        # Stage 2: refine proposals on 24x24 crops.
+        crops, valid = cropper.crops(boxes, img_idx, 24)
+        boxes, img_idx = boxes[valid], img_idx[valid]
+        prob, offsets = _chunked(self.rnet, normalize(crops))
+        keep = prob > t2
+        boxes, prob, offsets, img_idx = boxes[keep], prob[keep], offsets[keep], img_idx[keep]
+        pick = batched_nms(boxes, prob, img_idx, 0.7)
+        boxes = square(apply_offsets(boxes[pick], offsets[pick]))
+        img_idx = img_idx[pick]
+        if len(boxes) == 0:
+            return Detections.empty(dev)
+
+        # Stage 3: score, final box and landmarks on 48x48 crops.
+        crops, valid = cropper.crops(boxes, img_idx, 48)
+        boxes, img_idx = boxes[valid], img_idx[valid]
+        prob, offsets, marks = _chunked(self.onet, normalize(crops))
+        keep = prob > t3
+        boxes, prob, offsets, marks, img_idx = boxes[keep], prob[keep], offsets[keep], marks[keep], img_idx[keep]
+        wh = (boxes[:, 2:4] - boxes[:, 0:2] + 1)[:, None, :]
+        points = torch.stack([marks[:, :5], marks[:, 5:]], 2) * wh + boxes[:, None, 0:2] - 1
+        boxes = apply_offsets(boxes, offsets)
+        pick = batched_nms(boxes, prob, img_idx, 0.7, offset=1, mode="min")
+        return Detections(boxes[pick].float(), prob[pick].float(), points[pick].float(), img_idx[pick])
+
+    def _propose(self, images: Tensor, h: int, w: int, threshold: float):
+        """Stage 1: P-Net over the image pyramid; NMS 0.5 within each scale, then 0.7 across."""
+        per_scale = []
+        for scale in pyramid_scales(h, w, self.min_face_size, self.factor):
+            small = F.interpolate(images, size=(int(h * scale + 1), int(w * scale + 1)), mode="area")
+            prob, offsets = self.pnet(normalize(small))
+            img, row, col = torch.nonzero(prob >= threshold, as_tuple=True)
+            score = prob[img, row, col]
+            cell = torch.stack([col, row], 1).to(images.dtype)
+            boxes = torch.cat([((2 * cell + 1) / scale).floor(), ((2 * cell + 12) / scale).floor()], 1)
+            offs = offsets.permute(0, 2, 3, 1)[img, row, col]
+            pick = batched_nms(boxes, score, img, 0.5)
+            per_scale.append((boxes[pick], score[pick], offs[pick], img[pick]))
+        if not per_scale:
+            z = images.new_zeros(0, 4)
+            return z, images.new_zeros(0), z, torch.zeros(0, dtype=torch.long, device=images.device)
+        boxes, scores, offsets, img = (torch.cat(t) for t in zip(*per_scale))
+        pick = batched_nms(boxes, scores, img, 0.7)
+        return boxes[pick], scores[pick], offsets[pick], img[pick]
+
+
+def _chunked(net: nn.Module, x: Tensor, size: int = 2048):
+    """Run a per-crop net in bounded chunks so thousands of candidates never exhaust memory."""
+    if len(x) <= size:
+        return net(x)
+    outs = [net(x[i:i + size]) for i in range(0, len(x), size)]
+    return tuple(torch.cat(t) for t in zip(*outs))
+
+
+# Upstream key -> tidyface key, per net; everything else keeps its name.
+_KEY_MAP = {
+    "pnet": [(r"^conv4_1\.", "face_logits."), (r"^conv4_2\.", "box_offsets.")],
+    "rnet": [(r"^dense4\.", "fc."), (r"^prelu4\.", "prelu_fc."), (r"^dense5_1\.", "face_logits."),
+             (r"^dense5_2\.", "box_offsets.")],
+    "onet": [(r"^dense5\.", "fc."), (r"^prelu5\.", "prelu_fc."), (r"^dense6_1\.", "face_logits."),
+             (r"^dense6_2\.", "box_offsets."), (r"^dense6_3\.", "landmarks.")],
+}
+
+
+def convert_facenet_pytorch(paths: Mapping[str, Path]) -> dict:
+    state = {}
+    for net, rules in _KEY_MAP.items():
+        for k, v in rename_keys(load_torch_file(paths[f"{net}.pt"]), rules).items():
+            state[f"{net}.{k}"] = v
+    return state
+
+
+_RAW = "https://github.com/timesler/facenet-pytorch/raw/v2.6.0/data/"
+_FILES = (
+    ("pnet.pt", "a2a71925e0b9996a42f63e47efc1ca19043e69558b5c523b978d611dfae49c8f", 28570),
+    ("rnet.pt", "bbb937de72efc9ef83b186c49f5f558467a1d7e3453a8ece0d71a886633f6a86", 403147),
+    ("onet.pt", "165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d", 1559269),
+)
+
+register(
+    WeightSpec(
+        name="mtcnn",
+        task="detect",
+        files=tuple(UpstreamFile(n, s, z, urls=(_RAW + n,), pypi=f"facenet-pytorch==2.6.0:facenet_pytorch/data/{n}")
+                    for n, s, z in _FILES),
+        license="MIT",
+        origin="timesler/facenet-pytorch (weights from kpzhang93/MTCNN_face_detection_alignment)",
+        converter=convert_facenet_pytorch,
+        preprocess={"colour": "RGB", "normalize": "(x-127.5)/128", "min_face_size": 20,
+                    "thresholds": [0.6, 0.7, 0.7], "factor": 0.709, "input": "full resolution"},
+        description="MTCNN P/R/O-Net cascade, boxes + 5 landmarks",
+    ),
+    MTCNN,
+)

@@ -1,0 +1,1 @@
+"""Pure-torch building blocks shared by models: nms, priors, box codecs, image io."""

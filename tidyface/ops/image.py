@@ -1,0 +1,77 @@
+"""Image io: decode once to RGB uint8, expand path arguments, batch same-size frames."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jp2", ".pgm", ".ppm"}
+
+
+class ImageReadError(ValueError):
+    """An input that is not a readable image; the message names the file."""
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """RGB uint8 (H,W,3). EXIF orientation applied; grey and alpha images become RGB."""
+    import cv2
+
+    path = Path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # works for non-ASCII paths, unlike cv2.imread
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot read ({e.strerror})") from None
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None:
+        raise ImageReadError(f"{path}: not a readable image (empty, truncated or not an image format)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def write_image(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> None:
+    """Atomic write (temp file + rename) of an RGB uint8 image; format from the extension."""
+    import cv2
+
+    path = Path(path)
+    ext = path.suffix.lower() or ".jpg"
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if ext in (".jpg", ".jpeg") else []
+    ok, buf = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise ValueError(f"{path}: OpenCV cannot encode {ext} images")
+    atomic_write_bytes(path, buf.tobytes())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def expand_paths(paths: Iterable[str | os.PathLike], exts=IMAGE_EXTS) -> Iterator[Path]:
+    """Images named directly, found recursively in folders (sorted), or listed in .txt files
+    (one path per line, relative to the list's folder; blank lines and # comments skipped)."""
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            yield from sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in exts)
+        elif p.suffix.lower() == ".txt" and p.is_file():
+            for line in p.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    q = Path(line)
+                    yield q if q.is_absolute() else p.parent / q
+        else:
+            yield p
+
+
+def to_tensor_batch(images: list[np.ndarray], device="cpu"):
+    """Stack same-size RGB uint8 images into a (B,3,H,W) float32 tensor on device, 0..255."""
+    import torch
+
+    arr = torch.from_numpy(np.stack(images)).to(device)
+    return arr.permute(0, 3, 1, 2).float()

