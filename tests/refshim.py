@@ -3,7 +3,7 @@
 facenet-pytorch and facexlib import torchvision, and no CPU build of torchvision exists for the
 torch wheel these machines use (PyPI's wheel fails to load its C ops). The references only need
 greedy NMS, to_tensor and IntermediateLayerGetter; they are written here from their definitions,
-deliberately as plain O(N^2) loops that share no code with tidyface.ops, so parity stays independent.
+written separately from tidyface.ops (no shared code), so parity stays independent.
 """
 from __future__ import annotations
 
@@ -17,24 +17,22 @@ from torch import nn
 
 
 def _nms(boxes, scores, iou_threshold):
+    # Girshick's classic numpy loop: best box first, drop what overlaps it, repeat.
     b = boxes.detach().double().cpu().numpy()
-    order = sorted(range(len(b)), key=lambda i: -float(scores[i]))
-    keep, dead = [], set()
-    for pos, i in enumerate(order):
-        if i in dead:
-            continue
+    order = np.argsort(-scores.detach().double().cpu().numpy(), kind="stable")
+    areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    keep = []
+    while order.size > 0:
+        i = order[0]
         keep.append(i)
-        for j in order[pos + 1:]:
-            if j in dead:
-                continue
-            xx1, yy1 = max(b[i, 0], b[j, 0]), max(b[i, 1], b[j, 1])
-            xx2, yy2 = min(b[i, 2], b[j, 2]), min(b[i, 3], b[j, 3])
-            inter = max(0.0, xx2 - xx1) * max(0.0, yy2 - yy1)
-            union = ((b[i, 2] - b[i, 0]) * (b[i, 3] - b[i, 1])
-                     + (b[j, 2] - b[j, 0]) * (b[j, 3] - b[j, 1]) - inter)
-            if union > 0 and inter / union > iou_threshold:
-                dead.add(j)
-    return torch.as_tensor(keep, dtype=torch.long, device=boxes.device)
+        xx1 = np.maximum(b[i, 0], b[order[1:], 0])
+        yy1 = np.maximum(b[i, 1], b[order[1:], 1])
+        xx2 = np.minimum(b[i, 2], b[order[1:], 2])
+        yy2 = np.minimum(b[i, 3], b[order[1:], 3])
+        inter = np.maximum(0.0, xx2 - xx1) * np.maximum(0.0, yy2 - yy1)
+        iou = inter / (areas[i] + areas[order[1:]] - inter)
+        order = order[1:][iou <= iou_threshold]
+    return torch.as_tensor(np.array(keep, dtype=np.int64), device=boxes.device)
 
 
 def _batched_nms(boxes, scores, idxs, iou_threshold):

@@ -59,7 +59,7 @@ class ModelEntry:
 
 
 _MODELS: dict[str, ModelEntry] = {}
-_loaded = False
+_imported: set[str] = set()
 
 
 def register(spec: WeightSpec, builder: Callable[[], Any], source: str = "tidyface") -> None:
@@ -69,16 +69,13 @@ def register(spec: WeightSpec, builder: Callable[[], Any], source: str = "tidyfa
     _MODELS[spec.name] = ModelEntry(spec, builder, source)
 
 
-def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(mod)
+def _load_plugins() -> None:
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.value in _imported:
+            continue
+        _imported.add(ep.value)
         before = set(_MODELS)
         obj = ep.load()
         if callable(obj):
@@ -88,15 +85,28 @@ def _load_all() -> None:
             _MODELS[name] = ModelEntry(entry.spec, entry.builder, ep.dist.name if ep.dist else ep.value)
 
 
+def _load_until(name: str | None) -> None:
+    """Import built-in model modules (then plugins) until `name` is registered; None: all."""
+    for mod in _BUILTIN_MODULES:
+        if name is not None and name in _MODELS:
+            return
+        if mod not in _imported:
+            _imported.add(mod)
+            importlib.import_module(mod)
+    if name is None or name not in _MODELS:
+        _load_plugins()
+
+
 def get(name: str) -> ModelEntry:
     if name not in _MODELS:
-        _load_all()
+        _load_until(name)
     if name not in _MODELS:
+        _load_until(None)
         raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(_MODELS))} "
                        "(`tidyface models` lists them)")
     return _MODELS[name]
 
 
 def list_models(task: str | None = None) -> list[ModelEntry]:
-    _load_all()
+    _load_until(None)
     return [e for _, e in sorted(_MODELS.items()) if task is None or e.spec.task == task]

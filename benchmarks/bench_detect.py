@@ -1,0 +1,113 @@
+"""Detector speed on 720p video frames: tidyface vs the reference implementations.
+
+    python benchmarks/bench_detect.py [--frames 16] [--threads 2]
+
+Frames are read once from shared/media/simplefr_video_with_identity_db/Video_2.mp4 (1280x720),
+one per second; every timing is the median over those frames of ms per frame, after a warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TIDYFACE_SHARED", ROOT.parent / "shared"))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("TIDYFACE_MIRROR", str(SHARED / "weights"))
+
+
+def read_frames(n: int) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(SHARED / "media/simplefr_video_with_identity_db/Video_2.mp4"))
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    frames, i = [], 0
+    while len(frames) < n:
+        ok = cap.grab()
+        if not ok:
+            break
+        if i % round(fps) == 0:
+            frames.append(cv2.cvtColor(cap.retrieve()[1], cv2.COLOR_BGR2RGB))
+        i += 1
+    return frames
+
+
+def per_frame_ms(fn, frames, batch):
+    fn(frames[:batch])  # warm-up
+    times = []
+    for i in range(0, len(frames) - batch + 1, batch):
+        t = time.perf_counter()
+        fn(frames[i:i + batch])
+        times.append((time.perf_counter() - t) * 1000 / batch)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    frames = read_frames(args.frames)
+    print(f"{len(frames)} frames {frames[0].shape[1]}x{frames[0].shape[0]}, torch threads {args.threads}")
+
+    import refshim
+    refshim.install()
+    from facenet_pytorch import MTCNN as RefMTCNN
+
+    from tidyface.ops.image import to_tensor_batch
+    from tidyface.ops.nms import box_iou
+    from tidyface.weights import load_model
+
+    ref = RefMTCNN(keep_all=True, device="cpu")
+    ours = load_model("mtcnn")
+    rows = []
+
+    def run_ref(fs):
+        return ref.detect(np.stack(fs))
+
+    def run_ours(fs):
+        return ours.detect(to_tensor_batch(fs))
+
+    for b in (1, 8):
+        r, o = per_frame_ms(run_ref, frames, b), per_frame_ms(run_ours, frames, b)
+        rows.append((f"MTCNN batch {b}", f"{r:.0f}", f"{o:.0f}", f"{r / o:.2f}x"))
+
+    # Same faces: every reference box has a tidyface box with IoU >= 0.99, counts equal.
+    ref_boxes, _ = ref.detect(np.stack(frames))
+    det = run_ours(frames)
+    worst, same_count = 1.0, True
+    for i, rb in enumerate(ref_boxes):
+        got = det.for_image(i)
+        n = 0 if rb is None else len(rb)
+        same_count &= n == len(got)
+        if n and len(got):
+            worst = min(worst, box_iou(torch.tensor(np.asarray(rb, np.float32)), got.boxes).max(1).values.min().item())
+    print(f"MTCNN boxes: counts equal on every frame: {same_count}; min IoU to reference: {worst:.4f}")
+
+    try:
+        from facexlib.detection.retinaface import RetinaFace as RefRetina  # noqa: F401
+        rf = load_model("retinaface_mnet025")
+        from tidyface.models.retinaface import DEFAULT_MAX_SIZE
+        for size, label in ((None, "full 720p"), (DEFAULT_MAX_SIZE, f"max side {DEFAULT_MAX_SIZE}")):
+            for b in (1, 8):
+                o = per_frame_ms(lambda fs: rf.detect(to_tensor_batch(fs), max_size=size), frames, b)
+                rows.append((f"RetinaFace mnet0.25 {label}, batch {b}", "", f"{o:.0f}", ""))
+    except Exception as e:  # report, do not hide, why a row is missing
+        print(f"RetinaFace rows skipped: {e.__class__.__name__}: {e}")
+
+    print()
+    print("| detector | reference ms/frame | tidyface ms/frame | speed-up |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()

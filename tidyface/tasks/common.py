@@ -1,0 +1,53 @@
+"""Shared plumbing of the tasks: device choice, a per-process model cache, decode-ahead reading."""
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from ..ops.image import ImageReadError, read_image
+
+
+def resolve_device(device: str | None = None):
+    """`None`/"auto" -> CUDA when present, else CPU."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@lru_cache(maxsize=8)
+def cached_model(name: str, device: str, weights_dir: str | None = None):
+    from ..weights import load_model
+
+    return load_model(name, device=device, weights_dir=weights_dir)
+
+
+def warn(msg: str) -> None:
+    print(f"tidyface: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def read_ahead(paths: Iterable[Path], workers: int = 2) -> Iterator[tuple[Path, np.ndarray | Exception]]:
+    """Decode images on background threads (OpenCV releases the GIL) while the model runs;
+    yields (path, image) or (path, error) in input order."""
+    def load(p):
+        try:
+            return read_image(p)
+        except ImageReadError as e:
+            return e
+
+    paths = list(paths)
+    with ThreadPoolExecutor(workers) as pool:
+        futures = []
+        for p in paths:
+            futures.append((p, pool.submit(load, p)))
+            if len(futures) > 4 * workers:
+                q, f = futures.pop(0)
+                yield q, f.result()
+        for q, f in futures:
+            yield q, f.result()
