@@ -68,3 +68,43 @@ class Detections:
                 rec["landmarks"] = [[round(x, 2), round(y, 2)] for x, y in lms[k]]
             out[i].append(rec)
         return out
+
+
+@dataclass
+class Faces:
+    """Face crops cut from a batch of images, one per detection, with the geometry to go back.
+
+    crops (N,C,h,w) float32 RGB 0..255; crop_mat (N,3,3) image -> crop (pixel-centre
+    coordinates, as cv2.warpAffine uses); detections: the faces they were cut for (boxes,
+    scores, landmarks in image pixels, image_index), row n of each belonging to crop n.
+    """
+
+    crops: Tensor
+    crop_mat: Tensor
+    detections: Detections
+
+    def __len__(self) -> int:
+        return int(self.crops.shape[0])
+
+    @property
+    def image_index(self) -> Tensor:
+        return self.detections.image_index
+
+    def select(self, index: Tensor) -> "Faces":
+        return Faces(self.crops[index], self.crop_mat[index], self.detections.select(index))
+
+    def to(self, device) -> "Faces":
+        return Faces(self.crops.to(device), self.crop_mat.to(device), self.detections.to(device))
+
+    def landmarks_in_crop(self) -> Tensor | None:
+        """The detection landmarks moved into crop coordinates (N,K,2)."""
+        lm = self.detections.landmarks
+        if lm is None:
+            return None
+        m = self.crop_mat.to(lm)
+        return lm @ m[:, :2, :2].transpose(1, 2) + m[:, None, :2, 2]
+
+    @staticmethod
+    def cat(parts: Sequence["Faces"]) -> "Faces":
+        return Faces(torch.cat([p.crops for p in parts]), torch.cat([p.crop_mat for p in parts]),
+                     Detections.cat([p.detections for p in parts]))
