@@ -122,6 +122,10 @@ class MobileFaceNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.normalize(self.forward_features(x), dim=1)
 
+    def embed(self, crops: Tensor) -> Tensor:
+        """Aligned RGB 0..255 crops (B,3,S,S) -> L2-normalised embeddings: preprocess + forward."""
+        return self(preprocess(crops))
+
 
 def preprocess(images: Tensor) -> Tensor:
     """RGB (B,3,112,112) in 0..255 (aligned onto the ArcFace template) -> the network's input."""
