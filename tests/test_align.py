@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tidyface.ops.align import (ARCFACE_112, FFHQ_1024, PADDING_MODES, invert, natural_face_factor,
+from tidyface.ops.align import (ARCFACE_112, FACE_SPAN, FFHQ_1024, PADDING_MODES, invert, natural_face_factor,
                                 template_for, transform_points, umeyama, unwarp, warp)
 
 CV_BORDER = {"constant": cv2.BORDER_CONSTANT, "replicate": cv2.BORDER_REPLICATE,
@@ -134,7 +134,7 @@ def test_points_through_matrix_and_back():
 def test_arcface_template_is_reproduced_exactly():
     assert torch.equal(template_for(112), ARCFACE_112)
     assert torch.equal(template_for((112, 112), face_factor=natural_face_factor()), ARCFACE_112)
-    assert natural_face_factor() == pytest.approx((92.3655 - 51.5014) / 112)
+    assert natural_face_factor() == pytest.approx(FACE_SPAN * (92.3655 - 51.5014) / 112)
 
 
 @pytest.mark.parametrize("size,face_factor", [((224, 224), 0.5), ((96, 112), 0.3), ((300, 180), 0.8),
@@ -143,7 +143,7 @@ def test_arcface_template_is_reproduced_exactly():
 def test_template_face_factor_definition(kind, size, face_factor):
     pts = template_for(size, kind, face_factor)
     ff = natural_face_factor(kind) if face_factor is None else face_factor
-    extent = (pts.amax(0) - pts.amin(0)).max()
+    extent = FACE_SPAN * (pts.amax(0) - pts.amin(0)).max()
     assert float(extent / min(size)) == pytest.approx(ff, rel=1e-12)
     # Same shape as the base (a pure similarity, here a uniform scale + shift, maps one on the other).
     side = 1024 if kind == "ffhq" else 112

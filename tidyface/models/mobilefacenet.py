@@ -188,7 +188,10 @@ register(
         converter=convert_foamliu,
         preprocess={"input_size": INPUT_SIZE, "colour": "RGB", "mean": MEAN, "std": STD,
                     "scale": "x/255 then (x-mean)/std", "template": "arcface",
-                    "embedding_dim": EMBEDDING_DIM},
+                    "embedding_dim": EMBEDDING_DIM,
+                    # between the farthest same-person (0.54) and closest different-person (0.60)
+                    # pair of deepface's 300 labelled pairs; see README "Grouping"
+                    "auto_threshold": 0.57},
         description="MobileFaceNet (foamliu, MS1M subset), 128-d embeddings of 112x112 ArcFace crops",
     ),
     MobileFaceNet,

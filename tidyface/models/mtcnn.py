@@ -179,8 +179,20 @@ class MTCNN(nn.Module):
         raise NotImplementedError("MTCNN is a cascade: call detect(images)")
 
     @torch.inference_mode()
-    def detect(self, images: Tensor, min_score: float | None = None) -> Detections:
-        """images (B,3,H,W) float RGB 0..255 on the model's device -> Detections."""
+    def detect(self, images: Tensor, min_score: float | None = None, max_size: int | None = None) -> Detections:
+        """images (B,3,H,W) float RGB 0..255 on the model's device -> Detections.
+
+        max_size: run on a copy shrunk (area averaging) so its longer side is at most this,
+        for speed; boxes and landmarks still come back in input pixels. Default: full size.
+        """
+        h, w = images.shape[2:]
+        if max_size is not None and max(h, w) > max_size:
+            s = max_size / max(h, w)
+            small = F.interpolate(images, size=(round(h * s), round(w * s)), mode="area")
+            d = self.detect(small, min_score)
+            sx, sy = w / small.shape[3], h / small.shape[2]
+            scale = torch.tensor([sx, sy, sx, sy], device=images.device)
+            return Detections(d.boxes * scale, d.scores, d.landmarks * scale[:2], d.image_index)
         t1, t2, t3 = self.thresholds
         if min_score is not None:
             t3 = min_score

@@ -66,13 +66,19 @@ FFHQ_1024 = _ffhq_template(ARCFACE_112)
 TEMPLATES: dict[str, tuple[Tensor, int]] = {"arcface": (ARCFACE_112, 112), "ffhq": (FFHQ_1024, 1024)}
 
 
+# The face, for --face-factor, is a square FACE_SPAN times the larger side of the five points'
+# bounding box (about brow to chin): face factor 1 fills the output with it, the ArcFace 112
+# crop is 0.73, and the mouth leaves a square crop only above ~1.1.
+FACE_SPAN = 2.0
+
+
 def _extent(points: Tensor) -> Tensor:
     span = points.amax(0) - points.amin(0)
-    return span.max()
+    return span.max() * FACE_SPAN
 
 
 def natural_face_factor(kind: str = "arcface") -> float:
-    """The face factor (see `template_for`) of a template in its own frame; arcface: 0.3649."""
+    """The face factor (see `template_for`) of a template in its own frame; arcface: 0.7298."""
     points, side = _template(kind)
     return float(_extent(points) / side)
 
@@ -87,13 +93,13 @@ def template_for(size: int | Sequence[int], kind: str = "arcface",
                  face_factor: float | None = None) -> Tensor:
     """The 5 template points (5,2) float64 for an output of `size` = (w, h) (or an int side).
 
-    face_factor: the larger side of the template points' bounding box, as a fraction of the
-    output's shorter side min(w, h). The template is scaled uniformly (its shape never changes)
+    face_factor: the share of the output's shorter side min(w, h) taken by the face, the face
+    being a square FACE_SPAN (2) times the larger side of the template points' bounding box. The template is scaled uniformly (its shape never changes)
     about the frame centre, so each point keeps its offset from the centre in proportion: with
     s = face_factor / natural_face_factor(kind) * min(w, h) / base_side,
         p_out = (p_base - (base_side - 1)/2) * s + ((w - 1)/2, (h - 1)/2)
     (centres in pixel-centre coordinates). face_factor=None keeps the template's own factor
-    (arcface: 0.3649, ffhq: 0.2778), i.e. plain rescaling; template_for(112) == ARCFACE_112
+    (arcface: 0.7298, ffhq: 0.5556), i.e. plain rescaling; template_for(112) == ARCFACE_112
     exactly, as does template_for(112, face_factor=natural_face_factor()).
     Scaling about pixel-area centres means template_for(224) is 2 * ARCFACE_112 + 0.5, where
     insightface's estimate_norm uses 2 * ARCFACE_112 (a 0.5 px shift of the whole crop).

@@ -1,0 +1,310 @@
+"""Duplicate removal over face crops: a perceptual-hash pass and an embedding pass.
+
+Both passes build the same thing: the "is duplicate" relation (distance <= threshold), its
+connected components (union-find semantics: duplicates of duplicates are one set), and in each
+set the face with the best `quality` is kept. Pairwise work runs in square tiles, so memory is
+bounded by the tile, never by an N x N matrix.
+
+Thresholds: -1 disables a pass (everything kept); 0 means "identical only", which for float
+embeddings allows `EMBEDDING_EPS` of float32 rounding noise.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+HASH_SIZE = 8  # 8x8 grey pixels -> 64-bit hash
+# float32 cosine distance of two unit vectors is accurate to ~1e-6 for D <= 2048; pairs closer
+# than this are treated as identical, and every embedding threshold gets this slack.
+EMBEDDING_EPS = 1e-5
+DEFAULT_BLOCK = 2048  # tile side: a 2048x2048 float32 tile is 16 MiB
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL "L" / OpenCV RGB2GRAY
+# MSB first: bit 0 of the (N,64) layout is the top-left pixel, as imagehash prints it.
+_BIT_WEIGHTS = (np.uint64(1) << np.arange(63, -1, -1, dtype=np.uint64)).view(np.int64)
+
+
+@dataclass
+class DedupResult:
+    """Outcome of a duplicate pass over N faces.
+
+    keep (N,) bool: the faces to keep. kept_of (N,) int64: for each face, the index of the face
+    kept in its duplicate set (itself when kept). distance (N,) float64: distance of each face to
+    kept_of (Hamming bits for the hash pass, cosine distance for the embedding pass; 0 for kept
+    faces). groups: member indices (ascending) of every duplicate set with more than one face;
+    kept (G,): the kept index of each of those sets. note: a message for the caller, or "".
+    """
+
+    keep: np.ndarray
+    kept_of: np.ndarray
+    distance: np.ndarray
+    groups: list[np.ndarray] = field(default_factory=list)
+    kept: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    note: str = ""
+
+    def __len__(self) -> int:
+        return int(self.keep.shape[0])
+
+    @property
+    def dropped(self) -> np.ndarray:
+        return np.flatnonzero(~self.keep)
+
+
+def dedup_log_rows(result: DedupResult, names: Sequence[str]) -> list[dict]:
+    """One row per dropped face (for --save-dupes logs): which kept face it duplicates, how far."""
+    if len(names) != len(result):
+        raise ValueError(f"{len(names)} names for {len(result)} faces")
+    set_of = np.full(len(result), -1, dtype=np.int64)
+    for g, members in enumerate(result.groups):
+        set_of[members] = g
+    return [{"name": names[i], "kept": names[result.kept_of[i]], "set": int(set_of[i]),
+             "distance": float(result.distance[i])} for i in result.dropped.tolist()]
+
+
+# ----------------------------------------------------------------------------- image measures
+
+def _grey(crops: Tensor) -> Tensor:
+    """(N,3,H,W) RGB uint8 (0..255) or float (0..1) -> (N,1,H,W) float32 luma on 0..255."""
+    if crops.ndim != 4 or crops.shape[1] != 3:
+        raise ValueError(f"expected crops (N,3,H,W), got {tuple(crops.shape)}")
+    x = crops.float()
+    if crops.dtype != torch.uint8:
+        x = x * 255.0
+    w = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def average_hash(crops: Tensor, bits: bool = False) -> Tensor:
+    """Classic aHash, batched: luma, area-average down to 8x8, bit = pixel > mean of the 64.
+
+    crops (N,3,H,W) RGB, uint8 or float in 0..1 (the hash is scale-free). Returns (N,) int64
+    packed hashes (MSB = top-left pixel, row-major), or (N,64) bool when bits=True. Area
+    averaging is adaptive_avg_pool2d: exact block means when H, W are multiples of 8.
+    """
+    small = F.adaptive_avg_pool2d(_grey(crops), HASH_SIZE).flatten(1)
+    b = small > small.mean(1, keepdim=True)
+    if bits:
+        return b
+    # only the MSB weight is negative (two's complement), so the int64 sum cannot overflow
+    return (b.long() * torch.from_numpy(_BIT_WEIGHTS).to(b.device)).sum(1)
+
+
+def hash_bits(hashes) -> Tensor:
+    """(N,) int64 packed hashes or (N,64) bool bits -> (N,64) bool."""
+    h = torch.as_tensor(hashes)
+    if h.ndim == 2:
+        if h.shape[1] != 64:
+            raise ValueError(f"hash bits must be (N,64), got {tuple(h.shape)}")
+        return h.bool()
+    if h.ndim != 1:
+        raise ValueError(f"hashes must be (N,) int64 or (N,64) bool, got {tuple(h.shape)}")
+    shifts = torch.arange(63, -1, -1, device=h.device)
+    return ((h.long().unsqueeze(1) >> shifts) & 1).bool()  # arithmetic shift: sign bit -> 1
+
+
+def sharpness(crops: Tensor) -> Tensor:
+    """Variance of the Laplacian of the luma (0..255 scale), batched: (N,3,H,W) -> (N,) float32.
+
+    Same as `cv2.Laplacian(grey, cv2.CV_64F).var()` (3x3 kernel, reflect-101 border); uint8
+    crops are read as 0..255, float crops as 0..1. Use it (times the face area) as dedup quality.
+    """
+    g = _grey(crops)
+    if g.shape[0] == 0 or g.shape[-1] < 2 or g.shape[-2] < 2:
+        return torch.zeros(g.shape[0], device=g.device)
+    k = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=g.device)
+    lap = F.conv2d(F.pad(g, (1, 1, 1, 1), mode="reflect"), k.view(1, 1, 3, 3))
+    return lap.flatten(1).var(1, unbiased=False)
+
+
+# ----------------------------------------------------------------------------- components
+
+def _merge(labels: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Union the pairs (i, j) into `labels` (each entry = smallest index of its set so far).
+
+    Vectorised union-find: the pairs are lifted to their current set labels, the small graph of
+    touched labels is solved with scipy's connected components, and every label is re-pointed
+    at its new root (the smallest member), which keeps the array fully path-compressed.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    a, b = labels[i], labels[j]
+    diff = a != b
+    if not diff.any():
+        return labels
+    a, b = a[diff], b[diff]
+    nodes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+    m = len(nodes)
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (inv[:len(a)], inv[len(a):])), shape=(m, m))
+    _, comp = connected_components(graph, directed=False)
+    root = np.full(comp.max() + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(root, comp, nodes)  # nodes ascending -> root = smallest label of the component
+    remap = np.arange(len(labels), dtype=np.int64)
+    remap[nodes] = root[comp]
+    return remap[labels]
+
+
+def close_pair_components(feats: Tensor, close: Callable[[Tensor, Tensor], Tensor],
+                          block: int = DEFAULT_BLOCK) -> np.ndarray:
+    """Connected components of the relation close(a_rows, b_rows) -> (r,c) bool, tile by tile.
+
+    Only the upper triangle of tiles is visited. Memory is one block x block tile plus its
+    close pairs as indices (at worst, every pair close: block^2 x 16 bytes, 64 MiB at 2048).
+    Returns (N,) int64 set labels, each the smallest index of its set.
+    """
+    n = feats.shape[0]
+    labels = np.arange(n, dtype=np.int64)
+    block = max(1, int(block))
+    for r0 in range(0, n, block):
+        a = feats[r0:r0 + block]
+        for c0 in range(r0, n, block):
+            hit = close(a, feats[c0:c0 + block])
+            if c0 == r0:
+                hit = torch.triu(hit, diagonal=1)
+            ij = hit.nonzero().cpu().numpy()
+            if len(ij):
+                labels = _merge(labels, ij[:, 0] + r0, ij[:, 1] + c0)
+    return labels
+
+
+def _finish(labels: np.ndarray, quality, dist_to: Callable[[np.ndarray, np.ndarray], np.ndarray],
+            note: str = "") -> DedupResult:
+    """Pick the best-quality face of each set (ties: lowest index) and measure the dropped ones."""
+    n = len(labels)
+    q = np.zeros(n) if quality is None else np.asarray(
+        quality.detach().cpu() if isinstance(quality, Tensor) else quality, dtype=np.float64).reshape(-1)
+    if len(q) != n:
+        raise ValueError(f"quality has {len(q)} values for {n} faces")
+    if np.isnan(q).any():
+        raise ValueError("quality contains NaN")
+    order = np.lexsort((np.arange(n), -q, labels))  # by set, then best quality, then index
+    first = np.ones(n, dtype=bool)
+    first[1:] = labels[order][1:] != labels[order][:-1]
+    best = np.empty(labels.max() + 1 if n else 0, dtype=np.int64)
+    best[labels[order][first]] = order[first]
+    kept_of = best[labels]
+    keep = kept_of == np.arange(n)
+    distance = np.zeros(n)
+    drop = np.flatnonzero(~keep)
+    if len(drop):
+        distance[drop] = dist_to(drop, kept_of[drop])
+    sizes = np.bincount(labels, minlength=len(best))
+    multi = np.flatnonzero(sizes > 1)
+    by_set = np.argsort(labels, kind="stable")
+    bounds = np.cumsum(sizes)
+    groups = [by_set[bounds[s] - sizes[s]:bounds[s]] for s in multi]
+    return DedupResult(keep, kept_of, distance, groups, best[multi], note)
+
+
+def _disabled(n: int, what: str) -> DedupResult:
+    return DedupResult(np.ones(n, dtype=bool), np.arange(n, dtype=np.int64), np.zeros(n),
+                       note=f"{what} pass disabled (threshold -1)")
+
+
+def _check_threshold(thr, what: str) -> None:
+    if thr != -1 and thr < 0:
+        raise ValueError(f"{what} threshold must be -1 (off) or >= 0, got {thr}")
+
+
+# ----------------------------------------------------------------------------- passes
+
+def hash_duplicates(hashes, quality=None, thr: int = 5, window: int = 5,
+                    block: int = DEFAULT_BLOCK) -> DedupResult:
+    """Duplicates by Hamming distance <= thr between 64-bit average hashes.
+
+    Two stages, as in video-to-faces tools: (1) in input order, each face is compared with the
+    last `window` faces that stage 1 kept (cheap; catches consecutive video frames) and, when
+    one is within thr, joins it and leaves the comparison; (2) the faces stage 1 kept are
+    compared all against all, in tiles. Sets are connected components of both stages' links;
+    each keeps its best `quality` face (None: the first). Stage 1 is sequential by definition
+    (what is kept depends on earlier decisions); it runs on Python ints, ~1 us per face.
+    window=0 skips stage 1. thr=-1: pass off; thr=0: identical hashes only.
+    """
+    _check_threshold(thr, "hash")
+    bits = hash_bits(hashes)
+    n = bits.shape[0]
+    if thr == -1:
+        return _disabled(n, "hash")
+    packed = (bits.long().cpu() * torch.from_numpy(_BIT_WEIGHTS)).sum(1).numpy()
+    ints = packed.view(np.uint64).tolist()  # non-negative Python ints for XOR + popcount
+    popcount = getattr(int, "bit_count", None) or (lambda v: bin(v).count("1"))
+    links_i, links_j, survivors = [], [], []
+    if window > 0:
+        recent: deque = deque(maxlen=window)
+        for i, h in enumerate(ints):
+            best_j, best_d = -1, thr
+            for j, hj in recent:  # oldest first, so `<=` lets the most recent win ties
+                d = popcount(h ^ hj)
+                if d <= best_d:
+                    best_j, best_d = j, d
+            if best_j >= 0:
+                links_i.append(i)
+                links_j.append(best_j)
+            else:
+                recent.append((i, h))
+                survivors.append(i)
+    else:
+        survivors = list(range(n))
+    labels = np.arange(n, dtype=np.int64)
+    if links_i:
+        labels = _merge(labels, np.asarray(links_i), np.asarray(links_j))
+    surv = np.asarray(survivors, dtype=np.int64)
+    f = bits[torch.from_numpy(surv).to(bits.device)].float()
+
+    def close(a, b):  # Hamming = |a| + |b| - 2 a.b, exact in float32 for 64 bits
+        return (a.sum(1, keepdim=True) + b.sum(1) - 2 * (a @ b.T)) <= thr + 0.5
+
+    if len(surv) > 1:
+        sub = close_pair_components(f, close, block)
+        labels = _merge(labels, surv, surv[sub])  # lift survivor sets back to all faces
+
+    def dist(i, j):
+        x = np.bitwise_xor(packed[i], packed[j]).view(np.uint64)
+        return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(1).astype(np.float64)
+
+    return _finish(labels, quality, dist)
+
+
+def _unit_rows(emb) -> Tensor:
+    x = torch.as_tensor(emb)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be (N,D), got {tuple(x.shape)}")
+    x = x.float()
+    if not torch.isfinite(x).all():
+        raise ValueError("embeddings contain NaN or inf")
+    norm = x.norm(dim=1, keepdim=True)
+    if (norm == 0).any():
+        raise ValueError("embeddings contain all-zero rows")
+    return x / norm  # encoders already return unit vectors; this only removes drift
+
+
+def embedding_duplicates(emb, quality=None, thr: float = 0.05,
+                         block: int = DEFAULT_BLOCK) -> DedupResult:
+    """Duplicates by cosine distance (1 - cos) <= thr between L2-normalised embeddings (N,D).
+
+    Blocked all-pairs search (block x block tiles of one matmul each, only pairs under the
+    threshold leave a tile), connected components, best `quality` face kept per set.
+    thr=-1: pass off; thr=0: identical only (within EMBEDDING_EPS).
+    """
+    _check_threshold(thr, "embedding")
+    x = _unit_rows(emb)
+    n = x.shape[0]
+    if thr == -1:
+        return _disabled(n, "embedding")
+    limit = 1.0 - (thr + EMBEDDING_EPS)  # cos >= limit  <=>  distance <= thr + eps
+    labels = close_pair_components(x, lambda a, b: (a @ b.T) >= limit, block)
+
+    def dist(i, j):
+        out = np.empty(len(i))
+        for s in range(0, len(i), 65536):  # bounded gathers
+            ii = torch.from_numpy(i[s:s + 65536]).to(x.device)
+            jj = torch.from_numpy(j[s:s + 65536]).to(x.device)
+            out[s:s + 65536] = (1.0 - (x[ii] * x[jj]).sum(1)).clamp_min(0).double().cpu().numpy()
+        return out
+
+    return _finish(labels, quality, dist)
