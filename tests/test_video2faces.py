@@ -1,0 +1,195 @@
+"""video2faces end to end on real videos: accuracy against faces labelled by eye, grouping purity,
+bad inputs, resume after Ctrl-C, refusal to mix runs."""
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import MEDIA, need
+from tidyface.ops.nms import box_iou
+from tidyface.tasks.video2faces import Video2FacesError, video_to_faces
+
+VIDEO2 = MEDIA / "simplefr_video_with_identity_db/Video_2.mp4"
+TRUTH = Path(__file__).parent / "data/video2_faces_truth.csv"
+
+
+def refs_dir(tmp: Path) -> Path:
+    """database/NNNN_name.png -> one class folder per person, as --ref-dir expects."""
+    out = tmp / "refs"
+    for p in need(VIDEO2.parent / "database").glob("*.png"):
+        d = out / p.stem.split("_", 1)[1]
+        d.mkdir(parents=True)
+        shutil.copy(p, d / p.name)
+    return out
+
+
+def rows(out: Path):
+    return list(csv.DictReader(open(out / "groups.csv")))
+
+
+def labelled(out: Path):
+    """(truth person, predicted group) for every labelled face that the run kept."""
+    truth = [r for r in csv.DictReader(l for l in open(TRUTH) if not l.startswith("#"))]
+    z = np.load(out / ".tidyface/video_01.npz")
+    group_of = {Path(r["file"]).name: r["group"] for r in rows(out)}
+    pairs = []
+    for t in truth:
+        sel = np.flatnonzero(z["frame"] == int(t["frame"]))
+        if not len(sel):
+            continue
+        iou = box_iou(torch.tensor([[float(t[k]) for k in ("x1", "y1", "x2", "y2")]]),
+                      torch.from_numpy(z["boxes"][sel]))[0]
+        if iou.max() >= 0.5:
+            pairs.append((t["person"], group_of[str(z["name"][sel[int(iou.argmax())]])]))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def video2_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("v2")
+    out = tmp / "out"
+    t = time.time()
+    summary = video_to_faces(str(need(VIDEO2)), out_dir=str(out), group_mode="classify",
+                             ref_dir=str(refs_dir(tmp)), enc_oth_thr=0.8, group_log=True)
+    print(f"\nVideo_2 full run: {time.time() - t:.1f} s, {summary}")
+    return out, summary, tmp
+
+
+def test_classify_against_the_reference_faces(video2_run):
+    out, summary, _ = video2_run
+    pairs = labelled(out)
+    people = [(t, p) for t, p in pairs if t != "none"]
+    right = sum(t == p for t, p in people)
+    junk = [p for t, p in pairs if t == "none"]
+    print(f"\nclassify: {right}/{len(people)} labelled faces to the right person "
+          f"({right / len(people):.1%}); non-faces kept: {len(junk)}, of them in other/: "
+          f"{sum(p in ('other', 'duplicate') for p in junk)}; confusions: "
+          f"{Counter((t, p) for t, p in people if t != p).most_common(5)}")
+    assert len(people) >= 40, "the labelled faces are found again"
+    assert right / len(people) >= 0.85
+    # output shape: names, manifest, index, logs
+    assert summary["faces"] > 50 and summary["videos"] == 1 and not summary["failed"]
+    for r in rows(out):
+        assert (out / r["file"]).is_file()
+        name = Path(r["file"]).name
+        frame, idx = name[:-4].split("_")
+        assert len(frame) == 6 and int(frame) == int(r["frame"]) and int(idx) == int(r["face_index"])
+    html = (out / "index.html").read_text()
+    assert "groups/evan/" in html and "faces)" in html
+    assert (out / "log_grouping.csv").is_file()
+
+
+@pytest.mark.parametrize("mode", ["auto", "cluster"])
+def test_regrouping_without_decoding(video2_run, mode):
+    """--mode grouping re-runs dedup + grouping from the manifest, with other settings."""
+    out, _, _ = video2_run
+    video_to_faces(str(VIDEO2), out_dir=str(out), mode="grouping", group_mode=mode, clusters="4-9")
+    pairs = [(t, p) for t, p in labelled(out) if t != "none" and p != "duplicate"]
+    groups = {p for _, p in pairs if p != "unassigned"}
+    # purity: share of faces whose group's majority person is their own person
+    majority = {g: Counter(t for t, p in pairs if p == g).most_common(1)[0][0] for g in groups}
+    pure = sum(majority.get(p) == t for t, p in pairs if p != "unassigned")
+    assigned = sum(p != "unassigned" for _, p in pairs)
+    print(f"\n{mode}: {len({p for _, p in rows_groups(out)})} groups; purity {pure}/{assigned} = "
+          f"{pure / max(assigned, 1):.1%}; unassigned {len(pairs) - assigned} of {len(pairs)} labelled faces")
+    assert pure / assigned >= 0.75
+    assert not (out / ".groups.part").exists()
+
+
+def rows_groups(out):
+    return [(r["file"], r["group"]) for r in rows(out) if r["group"] != "duplicate"]
+
+
+def test_same_run_resumes_other_settings_refused(video2_run, capsys):
+    out, _, tmp = video2_run
+    t = time.time()
+    video_to_faces(str(VIDEO2), out_dir=str(out), mode="detection", group_mode="classify",
+                   ref_dir=str(tmp / "refs"), enc_oth_thr=0.8)
+    assert time.time() - t < 10, "a finished video is skipped, not decoded again"
+    assert "done in an earlier run, skipped" in capsys.readouterr().err
+    with pytest.raises(Video2FacesError, match="other inputs or detection settings"):
+        video_to_faces(str(VIDEO2), out_dir=str(out), det_min_score=0.9)
+
+
+def _avi(path: Path, frames) -> Path:
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, frames[0].shape[1::-1])
+    for f in frames:
+        w.write(f)
+    w.release()
+    return path
+
+
+def test_bad_inputs_are_reported_and_the_rest_finish(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    cap = cv2.VideoCapture(str(need(MEDIA / "videos/face_recognition_short_hamilton_clip.mp4")))
+    frames = [cap.read()[1] for _ in range(60)]
+    good = _avi(src / "a_good.avi", frames)
+    trunc = src / "b_truncated.avi"
+    trunc.write_bytes(good.read_bytes()[: good.stat().st_size * 6 // 10])
+    (src / "c_empty.avi").write_bytes(b"")
+    (src / "d_text.avi").write_text("not a video\n")
+    rng = np.random.default_rng(0)
+    _avi(src / "e_noface.avi", [rng.integers(0, 255, (120, 160, 3), dtype=np.uint8) for _ in range(20)])
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "tidyface.cli", "video2faces", src, "--input-ext", "avi",
+                        "--out-dir", out, "--det-min-size", "20"], capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    err = r.stderr
+    assert "Traceback" not in err
+    assert "c_empty.avi: empty file" in err and "d_text.avi" in err
+    assert "b_truncated.avi" in err and "earlier than its metadata promised" in err
+    assert "e_noface.avi: no faces found" in err
+    man = json.loads((out / ".tidyface/manifest.json").read_text())
+    status = {Path(v["path"]).name: v["status"] for v in man["videos"].values()}
+    assert status == {"a_good.avi": "done", "b_truncated.avi": "done", "c_empty.avi": "failed",
+                      "d_text.avi": "failed", "e_noface.avi": "done"}
+    names = {p.name for p in (out / "faces").iterdir()}
+    assert any(n.startswith("01_") for n in names) and any(n.startswith("02_") for n in names)
+    assert (out / "groups.csv").is_file() and (out / "index.html").is_file()
+
+
+def test_ctrl_c_then_resume_gives_the_same_result(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("facenet_pytorch_video.mp4", "face_recognition_short_hamilton_clip.mp4"):
+        shutil.copy(need(MEDIA / "videos" / name), src / name)
+    base = [sys.executable, "-m", "tidyface.cli", "video2faces", str(src), "--video-step", "0.5"]
+    ref = tmp_path / "ref"
+    assert subprocess.run(base + ["--out-dir", str(ref)], capture_output=True).returncode == 0
+    out = tmp_path / "out"
+    p = subprocess.Popen(base + ["--out-dir", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out / ".tidyface/video_01.npz"
+    deadline = time.time() + 120
+    while not first.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    if p.returncode == 0:
+        pytest.skip("the run finished before Ctrl-C arrived")  # machine too fast to interrupt
+    assert p.returncode == 130 and "resume" in err and "Traceback" not in err
+    assert not (out / ".tidyface/video_02.npz").exists()
+    r = subprocess.run(base + ["--out-dir", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "done in an earlier run, skipped" in r.stderr
+    assert sorted(p.name for p in (out / "faces").iterdir()) == sorted(p.name for p in (ref / "faces").iterdir())
+    assert rows(out) == rows(ref)
+    assert not list(out.rglob("*.part*"))
+
+
+def test_anime_style_names_the_missing_weights(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tidyface.cli", "video2faces", str(need(VIDEO2)), "--style", "anime",
+                        "--out-dir", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "anime" in r.stderr and "faster_rcnn_anime" in r.stderr
