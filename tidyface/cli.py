@@ -17,7 +17,7 @@ class Commands:
 
     def detect(self, *paths: str, model: str = "retinaface_mnet025", min_score: float | None = None,
                device: str | None = None, batch_size: int = 8, out: str | None = None,
-               weights_dir: str | None = None):
+               max_size: int | None = None, weights_dir: str | None = None):
         """Detect faces; prints one JSON object per image on stdout.
 
         Args:
@@ -27,6 +27,8 @@ class Commands:
             device: cpu, cuda, cuda:1 ... (default: cuda when present).
             batch_size: images per forward pass (same-size images are batched together).
             out: also write each image with boxes, scores and landmarks drawn into this folder.
+            max_size: the longer side the detector sees (default: the model's policy, RetinaFace
+                640; 0: full resolution); boxes are always in the input image's pixels.
             weights_dir: a folder holding upstream weight files (like TIDYFACE_MIRROR).
         """
         from .tasks.detect import run_detect
@@ -34,7 +36,7 @@ class Commands:
         if not paths:
             _fail("give at least one image, folder or .txt list")
         sys.exit(run_detect(paths, model=model, min_score=min_score, device=device,
-                            batch_size=batch_size, out=out, weights_dir=weights_dir))
+                            batch_size=batch_size, out=out, weights_dir=weights_dir, max_size=max_size))
 
     def crop(self, *paths: str, out: str | None = None, landmarks: str | None = None,
              output_size=256, face_factor: float | None = None, template: str = "arcface",

@@ -26,12 +26,21 @@ class ImageResult:
     detections: Detections
 
 
+def size_kwargs(max_size: int | None) -> dict:
+    """--max-size: None keeps the detector's own input-size policy, 0 means full resolution."""
+    if max_size is None:
+        return {}
+    return {"max_size": None if int(max_size) == 0 else int(max_size)}
+
+
 def detect_batches(frames: Iterable[tuple[object, np.ndarray]], model: str = DEFAULT_DETECTOR,
                    min_score: float | None = None, device=None, batch_size: int = 8,
-                   weights_dir=None) -> Iterator[tuple[object, np.ndarray, Detections]]:
+                   weights_dir=None, max_size: int | None = None) -> Iterator[tuple[object, np.ndarray, Detections]]:
     """Detect faces in a stream of (key, RGB uint8 image), batching consecutive same-size images.
 
-    Yields (key, image, Detections with image_index 0) in input order.
+    max_size: the longer side the detector sees (None: its default policy; 0: full resolution);
+    boxes always come back in input pixels. Yields (key, image, Detections with image_index 0)
+    in input order.
     """
     dev = resolve_device(device)
     net = cached_model(model, str(dev), None if weights_dir is None else str(weights_dir))
@@ -39,7 +48,7 @@ def detect_batches(frames: Iterable[tuple[object, np.ndarray]], model: str = DEF
 
     def flush():
         batch = to_tensor_batch([im for _, im in pending], dev)
-        dets = net.detect(batch, min_score=min_score).to("cpu")
+        dets = net.detect(batch, min_score=min_score, **size_kwargs(max_size)).to("cpu")
         for i, (key, im) in enumerate(pending):
             yield key, im, dets.for_image(i).shift_images(-i)
         pending.clear()
@@ -54,7 +63,7 @@ def detect_batches(frames: Iterable[tuple[object, np.ndarray]], model: str = DEF
 
 def detect(images: Sequence[np.ndarray | str | os.PathLike] | np.ndarray | str | os.PathLike,
            model: str = DEFAULT_DETECTOR, min_score: float | None = None, device=None,
-           batch_size: int = 8, weights_dir=None) -> Detections:
+           batch_size: int = 8, weights_dir=None, max_size: int | None = None) -> Detections:
     """Detect faces in images (RGB uint8 arrays or paths); Detections.image_index indexes `images`.
 
     A path that cannot be read raises ImageReadError naming it; use `tidyface detect` (or
@@ -67,7 +76,7 @@ def detect(images: Sequence[np.ndarray | str | os.PathLike] | np.ndarray | str |
     frames = ((i, read_image(im) if isinstance(im, (str, os.PathLike)) else np.asarray(im))
               for i, im in enumerate(images))
     parts = [d.shift_images(i) for i, _, d in
-             detect_batches(frames, model, min_score, device, batch_size, weights_dir)]
+             detect_batches(frames, model, min_score, device, batch_size, weights_dir, max_size)]
     return Detections.cat(parts)
 
 
@@ -111,13 +120,13 @@ def draw(image: np.ndarray, det: Detections) -> np.ndarray:
 
 
 def run_detect(paths: Sequence[str], model: str = DEFAULT_DETECTOR, min_score=None, device=None,
-               batch_size: int = 8, out: str | None = None, weights_dir=None) -> int:
+               batch_size: int = 8, out: str | None = None, weights_dir=None, max_size=None) -> int:
     """The `tidyface detect` command: JSON Lines on stdout; returns the exit code."""
     failed = 0
     files = list(expand_paths(paths))
     root = Path(os.path.commonpath([str(p.resolve().parent) for p in files])) if files else Path(".")
     for res in detect_files(files, model, min_score=min_score, device=device,
-                            batch_size=batch_size, weights_dir=weights_dir):
+                            batch_size=batch_size, weights_dir=weights_dir, max_size=max_size):
         if isinstance(res, tuple):
             failed += 1
             warn(str(res[1]))
