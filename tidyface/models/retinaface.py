@@ -33,7 +33,7 @@ MAX_PER_IMAGE = 750  # upstream detect.py --keep_top_k
 # Default cap on the longer side of the network input (None: no cap). Up to 1280 px an image runs
 # at full size, as upstream evaluates it (facexlib use_origin_size=True); larger photos shrink, which
 # bounds time and memory. Smaller caps trade faces for speed; measured for mnet025 on 1280x720
-# frames, 2 CPU threads, batch 1: 60 ms/frame at full size, 40 at 960, 24 at 640. At 640, 93% of
+# frames, 2 CPU threads, batch 1: 48 ms/frame at full size, 27 at 960, 17 at 640. At 640, 93% of
 # full-size detections on 39 mixed photos remain (the rest: faces under ~40 px or scored < 0.8) and
 # scores can shift (dogs.jpg: 0.97 -> 0.52), so callers that want speed (video) pass max_size.
 DEFAULT_MAX_SIZE = {"mobilenet0.25": 1280, "resnet50": 1280}
