@@ -158,3 +158,12 @@ def test_few_faces(n):
     assert len(hres) == n and hres.keep.sum() >= min(n, 1)
     assert len(average_hash(torch.zeros(0, 3, 32, 32, dtype=torch.uint8))) == 0
     assert sharpness(torch.zeros(0, 3, 32, 32)).shape == (0,)
+
+
+def test_bad_embeddings_refused():
+    good = torch.nn.functional.normalize(torch.ones(3, 4), dim=1)
+    for bad, msg in [(good.clone().index_fill_(0, torch.tensor([1]), float("nan")), "NaN"),
+                     (good.clone().index_fill_(0, torch.tensor([2]), 0.0), "all-zero"),
+                     (good[0], r"\(N,D\)")]:
+        with pytest.raises(ValueError, match=msg):
+            embedding_duplicates(bad, thr=0.1)

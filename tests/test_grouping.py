@@ -3,6 +3,7 @@ strangers left unassigned, the large-N path equal to the exact one, classify, ed
 import numpy as np
 import pytest
 import torch
+from sklearn.cluster import AgglomerativeClustering
 from sklearn.metrics import adjusted_rand_score
 
 from tidyface.tasks.grouping import (OTHER, UNASSIGNED, auto, classify, cluster, grouping_log_rows,
@@ -107,6 +108,26 @@ def test_auto_graph_path_equals_exact():
     assert sampled.details["approximate"] == 5
     keep = y >= 0
     assert adjusted_rand_score(y[keep], np.array(sampled.labels)[keep]) == 1.0
+
+
+def _partition(labels):
+    """names -> ints with every unassigned face in a set of its own."""
+    lab = np.array(labels, dtype=object)
+    un = lab == UNASSIGNED
+    lab[un] = [f"u{i}" for i in np.flatnonzero(un)]
+    return np.unique(lab.astype(str), return_inverse=True)[1]
+
+
+def test_auto_is_sklearn_average_linkage_on_unstructured_data():
+    # uniform points on the 6-d sphere: no true clusters, so the partition depends on every merge
+    x = torch.nn.functional.normalize(torch.randn(400, 6, generator=torch.Generator().manual_seed(0)), dim=1)
+    ref = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
+                                  distance_threshold=0.1).fit_predict(x.numpy())
+    exact = auto(x, threshold=0.1)
+    assert len(np.unique(ref)) == 265 and adjusted_rand_score(ref, _partition(exact.labels)) == 1.0
+    graph = auto(x, threshold=0.1, max_exact=100, block=96)  # 193 graph components, up to 25 faces
+    assert graph.details["components"] == 193 and graph.details["approximate"] == 0
+    assert graph.labels == exact.labels
 
 
 def test_classify_references_and_other():

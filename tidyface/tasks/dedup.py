@@ -222,7 +222,8 @@ def hash_duplicates(hashes, quality=None, thr: int = 5, window: int = 5,
     one is within thr, joins it and leaves the comparison; (2) the faces stage 1 kept are
     compared all against all, in tiles. Sets are connected components of both stages' links;
     each keeps its best `quality` face (None: the first). Stage 1 is sequential by definition
-    (what is kept depends on earlier decisions); it runs on Python ints, ~1 us per face.
+    (what is kept depends on earlier decisions); it runs on Python ints, a few us per face
+    (100k video-like hashes, both stages: ~2 s on 2 busy cores).
     window=0 skips stage 1. thr=-1: pass off; thr=0: identical hashes only.
     """
     _check_threshold(thr, "hash")
@@ -275,12 +276,14 @@ def _unit_rows(emb) -> Tensor:
     if x.ndim != 2:
         raise ValueError(f"embeddings must be (N,D), got {tuple(x.shape)}")
     x = x.float()
-    if not torch.isfinite(x).all():
+    norm = x.norm(dim=1, keepdim=True)  # (torch.isfinite(x) would cost ~1.7 copies of x)
+    if not torch.isfinite(norm).all():
         raise ValueError("embeddings contain NaN or inf")
-    norm = x.norm(dim=1, keepdim=True)
     if (norm == 0).any():
         raise ValueError("embeddings contain all-zero rows")
-    return x / norm  # encoders already return unit vectors; this only removes drift
+    if ((norm - 1).abs() < 1e-5).all():  # encoders return unit vectors: no copy needed
+        return x
+    return x / norm
 
 
 def embedding_duplicates(emb, quality=None, thr: float = 0.05,
@@ -301,10 +304,11 @@ def embedding_duplicates(emb, quality=None, thr: float = 0.05,
 
     def dist(i, j):
         out = np.empty(len(i))
-        for s in range(0, len(i), 65536):  # bounded gathers
-            ii = torch.from_numpy(i[s:s + 65536]).to(x.device)
-            jj = torch.from_numpy(j[s:s + 65536]).to(x.device)
-            out[s:s + 65536] = (1.0 - (x[ii] * x[jj]).sum(1)).clamp_min(0).double().cpu().numpy()
+        step = 8192  # bounded gathers: 2 x 8192 rows at a time
+        for s in range(0, len(i), step):
+            ii = torch.from_numpy(i[s:s + step]).to(x.device)
+            jj = torch.from_numpy(j[s:s + step]).to(x.device)
+            out[s:s + step] = (1.0 - (x[ii] * x[jj]).sum(1)).clamp_min(0).double().cpu().numpy()
         return out
 
     return _finish(labels, quality, dist)
