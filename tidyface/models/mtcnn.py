@@ -92,8 +92,9 @@ class ONet(nn.Module):
 
 
 def normalize(x: Tensor) -> Tensor:
-    """RGB 0..255 -> the [-1, 1] range the nets were trained on."""
-    return (x - 127.5) * 0.0078125
+    """RGB 0..255 -> the [-1, 1] range the nets were trained on, channels-last: oneDNN runs these
+    small convolutions and poolings 1.5-2.5x faster in that layout on CPU."""
+    return ((x - 127.5) * 0.0078125).contiguous(memory_format=torch.channels_last)
 
 
 def pyramid_scales(h: int, w: int, min_face_size: float, factor: float) -> list[float]:
@@ -126,13 +127,15 @@ class IntegralCropper:
     """Resizes many boxes of a batch to a fixed size with area averaging, all at once.
 
     Area resampling (what facenet-pytorch's per-box `interpolate(mode="area")` does) averages
-    input pixels over each output cell; with a summed-area table (float64: exact for 8-bit
-    sums), every cell of every box is four lookups, so N boxes cost one gather.
+    input pixels over each output cell; with a summed-area table (integer: exact for 8-bit
+    images), every cell of every box is four lookups, so N boxes cost one gather.
     """
 
     def __init__(self, images: Tensor):
         b, c, h, w = images.shape
-        table = images.double().cumsum(2).cumsum(3)
+        # Integer sums are exact and cheaper than float64 ones: int32 holds 255 * 8.4 Mpx.
+        dtype = torch.int32 if h * w * 255 < 2**31 else torch.int64
+        table = images.round().to(dtype).cumsum(2, dtype=dtype).cumsum(3, dtype=dtype)
         self.table = F.pad(table, (1, 0, 1, 0))  # table[..., r, c] = sum of images[..., :r, :c]
         self.h, self.w = h, w
 
@@ -164,7 +167,7 @@ class IntegralCropper:
 
         area = ((r1 - r0)[:, :, None] * (c1 - c0)[:, None, :]).unsqueeze(1)
         sums = at(r1, c1) - at(r0, c1) - at(r1, c0) + at(r0, c0)
-        return (sums / area).float(), valid
+        return (sums.double() / area).float(), valid
 
 
 class MTCNN(nn.Module):
