@@ -82,26 +82,30 @@ def child(n: int, step: str, threads: int) -> dict:
     base = vm_hwm_mib()
     tracemalloc.start()
     t = time.perf_counter()
-    extra = ""
     if step == "dedup":
         r = embedding_duplicates(x, q, thr=0.03)
-        extra = f"{int((~r.keep).sum())} dropped in {len(r.groups)} sets"
     elif step == "auto":
         g = grouping.auto(x)
-        lab = np.array(g.labels)
-        extra = (f"{g.details['n_groups']} groups, {int((lab == 'unassigned').sum())} unassigned, "
-                 f"ARI {adjusted_rand_score(y, lab):.3f}")
     elif step == "cluster":
         g = grouping.cluster(x, CLUSTERS)
-        extra = f"k={g.details['chosen_k']}, ARI {adjusted_rand_score(y, g.labels):.3f}"
     elif step == "classify":
         g = grouping.classify(x, centres, [str(i) for i in range(IDENTITIES)], other_threshold=0.5)
-        lab = np.array(g.labels)
-        ok = (lab[y >= 0] == y[y >= 0].astype(str)).mean()
-        extra = f"accuracy {ok:.3f}, other {int((lab == 'other').sum())}"
     secs = time.perf_counter() - t
+    peak = vm_hwm_mib()  # before the scoring below
     traced = tracemalloc.get_traced_memory()[1] / 2**20
-    return {"n": n, "step": step, "seconds": secs, "peak_rss_mib": vm_hwm_mib(), "base_rss_mib": base,
+    tracemalloc.stop()
+    if step == "dedup":
+        extra = f"{int((~r.keep).sum())} dropped in {len(r.groups)} sets"
+    elif step == "classify":
+        lab = np.array(g.labels)
+        extra = (f"accuracy {(lab[y >= 0] == y[y >= 0].astype(str)).mean():.3f}, "
+                 f"other {int((lab == 'other').sum())}")
+    else:
+        lab = np.array(g.labels)
+        extra = (f"k={g.details['chosen_k']}" if step == "cluster" else
+                 f"{g.details['n_groups']} groups, {int((lab == 'unassigned').sum())} unassigned")
+        extra += f", ARI {adjusted_rand_score(y, lab):.3f}"
+    return {"n": n, "step": step, "seconds": secs, "peak_rss_mib": peak, "base_rss_mib": base,
             "traced_mib": traced, "extra": extra}
 
 
