@@ -94,7 +94,7 @@ def main():
     try:
         from facexlib.detection.retinaface import RetinaFace as RefRetina  # noqa: F401
         rf = load_model("retinaface_mnet025")
-        from tidyface.models.retinaface import DEFAULT_MAX_SIZE
+        DEFAULT_MAX_SIZE = 640  # what video2faces uses (--det-size); the library default is 1280 = full 720p
         for size, label in ((None, "full 720p"), (DEFAULT_MAX_SIZE, f"max side {DEFAULT_MAX_SIZE}")):
             for b in (1, 8):
                 o = per_frame_ms(lambda fs: rf.detect(to_tensor_batch(fs), max_size=size), frames, b)

@@ -132,22 +132,39 @@ class IntegralCropper:
     """
 
     def __init__(self, images: Tensor):
-        b, c, h, w = images.shape
+        self.images = images
+        self.h, self.w = images.shape[2:]
         # Integer sums are exact and cheaper than float64 ones: int32 holds 255 * 8.4 Mpx.
-        dtype = torch.int32 if h * w * 255 < 2**31 else torch.int64
-        table = images.round().to(dtype).cumsum(2, dtype=dtype).cumsum(3, dtype=dtype)
-        self.table = F.pad(table, (1, 0, 1, 0))  # table[..., r, c] = sum of images[..., :r, :c]
-        self.h, self.w = h, w
+        self.dtype = torch.int32 if self.h * self.w * 255 < 2**31 else torch.int64
+        self.tables: dict[int, Tensor] = {}
+
+    def table(self, i: int) -> Tensor:
+        """(C, H+1, W+1): table[c, r, k] = sum of image i's channel c over [:r, :k]; built once
+        per image (one image at a time keeps the lookups in cache)."""
+        if i not in self.tables:
+            t = self.images[i].round().to(self.dtype)
+            self.tables[i] = F.pad(t.cumsum(1, dtype=self.dtype).cumsum(2, dtype=self.dtype), (1, 0, 1, 0))
+        return self.tables[i]
 
     def crops(self, boxes: Tensor, image_index: Tensor, size: int) -> tuple[Tensor, Tensor]:
         """Crops (M,3,size,size) of the in-image part of each box (upstream's clipping rules),
-        and the indices of the boxes that had a non-empty part."""
+        and the indices of the boxes that had a non-empty part, grouped by image."""
         b = boxes.trunc().long()
         x0, y0 = (b[:, 0] - 1).clamp(min=0), (b[:, 1] - 1).clamp(min=0)
         x1, y1 = b[:, 2].clamp(max=self.w), b[:, 3].clamp(max=self.h)
-        valid = torch.nonzero((x1 > x0) & (y1 > y0)).flatten()
-        x0, y0, x1, y1, img = x0[valid], y0[valid], x1[valid], y1[valid], image_index[valid]
-        i = torch.arange(size, device=boxes.device)
+        ok = (x1 > x0) & (y1 > y0)
+        out, kept = [], []
+        for img in torch.unique(image_index[ok]).tolist():
+            sel = torch.nonzero(ok & (image_index == img)).flatten()
+            out.append(self._area_average(self.table(img), x0[sel], y0[sel], x1[sel], y1[sel], size))
+            kept.append(sel)
+        if not out:
+            return self.images.new_zeros(0, self.images.shape[1], size, size), ok.nonzero().flatten()
+        return torch.cat(out), torch.cat(kept)
+
+    @staticmethod
+    def _area_average(t: Tensor, x0, y0, x1, y1, size: int) -> Tensor:
+        i = torch.arange(size, device=t.device)
 
         def edges(start, length):  # adaptive-average-pool bins: [floor(i*L/s), ceil((i+1)*L/s))
             lo = start[:, None] + (i[None] * length[:, None]) // size
@@ -156,18 +173,16 @@ class IntegralCropper:
 
         r0, r1 = edges(y0, y1 - y0)
         c0, c1 = edges(x0, x1 - x0)
-        b_, ch, th, tw = self.table.shape
-        flat = self.table.view(-1)
-        # Linear index of (image, channel) planes, so one gather serves every box of every frame.
-        plane = (img[:, None] * ch + torch.arange(ch, device=boxes.device)[None]) * (th * tw)
+        ch, th, tw = t.shape
+        flat = t.view(-1)
+        plane = (torch.arange(ch, device=t.device) * (th * tw))[None, :, None, None]
 
         def at(rows, cols):
-            idx = plane[:, :, None, None] + (rows[:, None, :, None] * tw + cols[:, None, None, :])
-            return flat[idx]
+            return flat[plane + (rows[:, None, :, None] * tw + cols[:, None, None, :])]
 
         area = ((r1 - r0)[:, :, None] * (c1 - c0)[:, None, :]).unsqueeze(1)
         sums = at(r1, c1) - at(r0, c1) - at(r1, c0) + at(r0, c0)
-        return (sums.double() / area).float(), valid
+        return (sums.double() / area).float()
 
 
 class MTCNN(nn.Module):

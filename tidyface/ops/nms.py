@@ -50,10 +50,20 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, offset: float = 0.0
 
 def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float,
                 offset: float = 0.0, mode: str = "union") -> Tensor:
-    """NMS independently within each group (image index): boxes of different groups are moved
-    apart by more than the coordinate range so they can never overlap."""
+    """NMS independently within each group (image index); kept indices by decreasing score.
+
+    Each group runs on its own: one shared loop over all groups (the coordinate-offset trick)
+    would compare every kept box with the boxes of every image, quadratic in the batch size.
+    """
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    span = boxes.max() - boxes.min() + 1 + offset
-    shifted = boxes + (groups.to(boxes.dtype) * span)[:, None]
-    return nms(shifted, scores, iou_threshold, offset, mode)
+    g = groups.detach().cpu().numpy()
+    order = np.argsort(g, kind="stable")
+    starts = np.flatnonzero(np.r_[True, g[order][1:] != g[order][:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    keep = []
+    for a, b in zip(starts, ends):
+        idx = torch.as_tensor(order[a:b], device=boxes.device)
+        keep.append(idx[nms(boxes[idx], scores[idx], iou_threshold, offset, mode)])
+    keep = torch.cat(keep)
+    return keep[torch.argsort(scores[keep], descending=True, stable=True)]
