@@ -69,6 +69,7 @@ def encode(encoder, crops: Tensor, batch_size: int = 32) -> Tensor:
     if len(crops) == 0:
         dim = int(encoder.spec.preprocess.get("embedding_dim", 512))
         return crops.new_zeros(0, dim)
+    crops = crops.contiguous(memory_format=torch.channels_last)
     return torch.cat([encoder.embed(crops[i:i + batch_size]) for i in range(0, len(crops), batch_size)])
 
 

@@ -260,8 +260,22 @@ class VideoStats:
     seconds: float = 0.0
 
 
+def _prepare(f, det_size: int | None):
+    """Work done on the reader thread, overlapping the models: the detector's shrunk copy
+    (cv2 INTER_LINEAR, as upstream RetinaFace resizes) and the full frame as a float tensor."""
+    import cv2
+
+    h, w = f.image.shape[:2]
+    small = f.image
+    if det_size and max(h, w) > det_size:
+        s = det_size / max(h, w)
+        small = cv2.resize(f.image, (round(w * s), round(h * s)), interpolation=cv2.INTER_LINEAR)
+    return f, small, torch.from_numpy(f.image).permute(2, 0, 1).float()
+
+
 def _reader_thread(path, s: Settings, q: queue.Queue, stop: threading.Event, box: dict):
-    """Decode on a thread (OpenCV/PyAV release the GIL) so decoding overlaps the models."""
+    """Decode (and prepare) on a thread: OpenCV, PyAV and torch release the GIL, so decoding
+    overlaps the models."""
     from ..ops.video import VideoReader
 
     try:
@@ -269,9 +283,10 @@ def _reader_thread(path, s: Settings, q: queue.Queue, stop: threading.Event, box
                          reader=s.video_reader) as r:
             box["reader"] = r
             for f in r:
+                item = _prepare(f, s.det_size)
                 while not stop.is_set():
                     try:
-                        q.put(f, timeout=0.2)
+                        q.put(item, timeout=0.2)
                         break
                     except queue.Full:
                         pass
@@ -329,17 +344,28 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
     pending = []
     futures = []
 
-    def process(batch):
-        imgs = torch.from_numpy(np.stack([f.image for f in batch])).to(dev).permute(0, 3, 1, 2).float()
-        dets = det.detect(imgs, min_score=floor, max_size=s.det_size)
-        h, w = imgs.shape[2:]
+    def process(items):
+        batch = [f for f, _, _ in items]
+        small = torch.from_numpy(np.stack([sm for _, sm, _ in items])).to(dev).permute(0, 3, 1, 2).float()
+        fulls = [full.to(dev) for _, _, full in items]
+        dets = det.detect(small, min_score=floor, max_size=None)
+        h, w = fulls[0].shape[1:]
+        if small.shape[2:] != (h, w):  # back to full-frame pixels
+            sx, sy = w / small.shape[3], h / small.shape[2]
+            dets.boxes = dets.boxes * torch.tensor([sx, sy, sx, sy], device=dev)
+            if dets.landmarks is not None:
+                dets.landmarks = dets.landmarks * torch.tensor([sx, sy], device=dev)
         reasons = reject_reasons(dets.boxes, dets.scores, w, h, s)
         bad = reasons.any(1)
         keep = dets.select(~bad)
         if len(keep):
-            faces = encoder_faces(imgs, keep, enc, s.enc_area)
-            emb = encode(enc, faces.crops, s.enc_batch_size).cpu()
-            crops_u8 = faces.crops.round().clamp(0, 255).to(torch.uint8)
+            # one warp per frame that has faces (no copy of the batch's full frames into one tensor)
+            crops = torch.cat([encoder_faces(fulls[i][None], keep.for_image(i).shift_images(-i), enc, s.enc_area).crops
+                               for i in torch.unique(keep.image_index).tolist()])
+            order = torch.argsort(keep.image_index, stable=True)
+            keep = keep.select(order)  # rows now follow the crops: grouped by frame
+            emb = encode(enc, crops, s.enc_batch_size).cpu()
+            crops_u8 = crops.round().clamp(0, 255).to(torch.uint8)
             hashes = dd.average_hash(crops_u8).cpu()
             sharp = dd.sharpness(crops_u8).cpu()
         cboxes = crop_boxes(keep.boxes, w, h, s.det_scale, s.det_square).cpu() if len(keep) else None
