@@ -5,20 +5,23 @@ __version__ = "0.1.0"
 
 from .registry import list_models  # noqa: E402  (light: no torch)
 
-__all__ = ["load_model", "list_models", "detect", "Detections", "WeightsError", "__version__"]
+# name -> module that defines it; torch-heavy parts load on first use, keeping `import tidyface` cheap
+_LAZY = {
+    "load_model": "weights", "WeightsError": "weights",
+    "Detections": "types", "Faces": "types",
+    "detect": "tasks.detect",
+    "embed": "tasks.embed", "FaceTable": "tasks.embed",
+    "group": "tasks.group:run_group",
+    "Cropper": "tasks.crop", "crop": "tasks.crop", "uncrop": "tasks.crop", "paste_back": "tasks.crop",
+    "video_to_faces": "tasks.video2faces",
+}
+__all__ = ["list_models", "__version__", *_LAZY]
 
 
-def __getattr__(name):  # torch-heavy parts load on first use, keeping `import tidyface` cheap
-    if name == "load_model":
-        from .weights import load_model
-        return load_model
-    if name == "WeightsError":
-        from .weights import WeightsError
-        return WeightsError
-    if name == "detect":
-        from .tasks.detect import detect
-        return detect
-    if name == "Detections":
-        from .types import Detections
-        return Detections
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, _, attr = _LAZY[name].partition(":")
+        return getattr(importlib.import_module(f".{module}", __name__), attr or name)
     raise AttributeError(f"module 'tidyface' has no attribute {name!r}")

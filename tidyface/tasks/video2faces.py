@@ -480,6 +480,19 @@ def write_index(out: Path, groups: dict[str, list[str]], title: str) -> None:
     atomic_write_bytes(out / "index.html", "\n".join(parts).encode())
 
 
+def _warm_imports(group_mode: str) -> None:
+    """Import the grouping stage's libraries (~0.3-0.8 s) on a thread while frames decode."""
+    def run():
+        import scipy.sparse.csgraph  # noqa: F401  (dedup)
+        if group_mode == "auto":
+            import scipy.cluster.hierarchy  # noqa: F401
+        elif group_mode == "cluster":
+            import sklearn.cluster  # noqa: F401
+            import sklearn.metrics  # noqa: F401
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 def group_stage(s: Settings, ws: Workspace, manifest: dict, device) -> dict:
     """Dedup and group every face recorded in the manifest; rebuild OUT/groups/."""
     tables = []
@@ -600,6 +613,8 @@ def video_to_faces(input: str, **kw) -> dict:
         ws.save_manifest(man)
         det = cached_model(s.det_model, str(device), s.weights_dir)
         enc = cached_model(s.enc_model, str(device), s.weights_dir)
+        if s.mode == "full":
+            _warm_imports(s.group_mode)
         multi = len(videos) > 1 or inp.is_dir() or inp.suffix.lower() == ".txt"
         all_rejects = []
         with ThreadPoolExecutor(2) as writer:
