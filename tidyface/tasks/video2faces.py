@@ -662,8 +662,8 @@ def video_to_faces(input: str, **kw) -> dict:
         g = group_stage(s, ws, man, device)
         summary["duplicates"], summary["groups"] = g["duplicates"], g["groups"]
     summary["seconds"] = round(time.time() - t0, 1)
-    groups = ", ".join(f"{k}={v}" for k, v in summary["groups"].items()) or "none"
+    groups = ", ".join(f"{k}={v}" for k, v in sorted(summary["groups"].items(), key=lambda kv: (-kv[1], kv[0])))
     print(f"tidyface: {summary['videos']} videos ({len(summary['failed'])} failed), {summary['frames']} frames, "
           f"{summary['faces']} faces kept, {summary['rejected']} rejected, {summary['duplicates']} duplicates; "
-          f"groups: {groups}; {summary['seconds']} s -> {out}", file=sys.stderr)
+          f"groups: {groups or 'none'}; {summary['seconds']} s -> {out}", file=sys.stderr)
     return summary
