@@ -117,3 +117,30 @@ def test_cli_offline_missing_weights_is_one_line(tmp_path):
     r = _cli("detect", need(MEDIA / "skimage/astronaut.png"), "--model", "mtcnn", env=env)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "pnet.pt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_embed_writes_one_row_per_face(tmp_path):
+    out = tmp_path / "e.npz"
+    r = _cli("embed", need(MEDIA / "insightface_wheel/t1.jpg"), need(MEDIA / "skimage/astronaut.png"),
+             "--out", out, "--model", "mobilefacenet")
+    assert r.returncode == 0, r.stderr
+    z = np.load(out)
+    assert z["embeddings"].shape == (7, 128) and z["embeddings"].dtype == np.float32
+    assert np.allclose(np.linalg.norm(z["embeddings"], axis=1), 1, atol=1e-5)
+    assert list(z["face_index"][:6]) == list(range(6)) and z["source"][-1].endswith("astronaut.png")
+    assert z["boxes"].shape == (7, 4) and z["landmarks"].shape == (7, 5, 2)
+
+
+def test_cli_crop_writes_crops_and_matrices(tmp_path):
+    out = tmp_path / "crops"
+    r = _cli("crop", need(MEDIA / "skimage/astronaut.png"), "--out", out, "--output-size", "128,160",
+             "--strategy", "largest")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    meta = json.loads((out / "crops.json").read_text())
+    (name, rec), = meta.items()
+    assert np.array(rec["matrix"]).shape == (3, 3)
+    from tidyface.ops.image import read_image
+
+    assert read_image(out / name).shape == (160, 128, 3)
