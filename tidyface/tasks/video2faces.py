@@ -519,8 +519,9 @@ def group_stage(s: Settings, ws: Workspace, manifest: dict, device) -> dict:
         dupe_logs[2] = dd.dedup_log_rows(r, [files[i] for i in idx])
     kept = np.flatnonzero(keep)
 
+    for stale in ws.out.glob(".groups.*"):  # left by an interrupted grouping
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = ws.out / f".groups.part-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     rows, grouping = [], None
     if len(kept):
         e = torch.from_numpy(t["embeddings"][kept])
