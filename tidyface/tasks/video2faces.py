@@ -343,6 +343,8 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
     floor = min(s.det_min_score, 0.3)  # see near misses in rejects/frames logs
     pending = []
     futures = []
+    enc_queue: list[torch.Tensor] = []  # aligned crops waiting for the encoder
+    enc_rows: list[int] = []  # their rows in the table
 
     def process(items):
         batch = [f for f, _, _ in items]
@@ -364,7 +366,7 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
                                for i in torch.unique(keep.image_index).tolist()])
             order = torch.argsort(keep.image_index, stable=True)
             keep = keep.select(order)  # rows now follow the crops: grouped by frame
-            emb = encode(enc, crops, s.enc_batch_size).cpu()
+            enc_queue.append(crops)  # embedded in full batches of --enc-batch-size, see flush_encoder
             crops_u8 = crops.round().clamp(0, 255).to(torch.uint8)
             hashes = dd.average_hash(crops_u8).cpu()
             sharp = dd.sharpness(crops_u8).cpu()
@@ -388,7 +390,8 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
                 lm = keep.landmarks[n].cpu() + torch.tensor([ox, oy]) if keep.landmarks is not None \
                     else torch.full((5, 2), float("nan"))
                 table["landmarks"].append(lm.numpy())
-                table["embeddings"].append(emb[n].numpy())
+                enc_rows.append(len(table["embeddings"]))
+                table["embeddings"].append(None)
                 table["hash"].append(int(hashes[n]))
                 table["quality"].append(float((bx[2] - bx[0]) * (bx[3] - bx[1]) * (sharp[n] + 1)))
             stats.faces += len(sel)
@@ -419,8 +422,18 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
                 img = draw_frame(f.image, fb, dets.scores[rsel].cpu(), bad[rsel].cpu())
                 futures.append(writer.submit(write_image, ws.inter / "frames" / f"{name_prefix}{f.index:06d}.jpg",
                                              img, 50))
+        if sum(len(c) for c in enc_queue) >= s.enc_batch_size:
+            flush_encoder()
         bar.update(len(batch))
         bar.set_postfix(faces=stats.faces)
+
+    def flush_encoder():
+        if enc_queue:
+            emb = encode(enc, torch.cat(enc_queue), s.enc_batch_size).cpu().numpy()
+            for row, e in zip(enc_rows, emb):
+                table["embeddings"][row] = e
+            enc_queue.clear()
+            enc_rows.clear()
 
     try:
         while True:
@@ -433,6 +446,7 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
                 pending = []
         if pending:
             process(pending)
+        flush_encoder()
         for fu in futures:
             fu.result()
     finally:
