@@ -274,8 +274,9 @@ class MTCNN(nn.Module):
         return boxes[pick], scores[pick], offsets[pick], img[pick]
 
 
-def _chunked(net: nn.Module, x: Tensor, size: int = 2048):
-    """Run a per-crop net in bounded chunks so thousands of candidates never exhaust memory."""
+def _chunked(net: nn.Module, x: Tensor, size: int = 512):
+    """Run a per-crop net in chunks of 512 (as upstream): bounded memory, and activations that
+    stay in cache (2048-crop chunks made batch 8 slower per frame than batch 1)."""
     if len(x) <= size:
         return net(x)
     outs = [net(x[i:i + size]) for i in range(0, len(x), size)]
