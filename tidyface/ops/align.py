@@ -228,8 +228,21 @@ def _sample(images: Tensor, coords: Tensor, image_index: Tensor, padding: str, f
         height, width = height + 1, width + 1
     # grid_sample, align_corners=False: normalised g = (2p + 1)/size - 1 for pixel-centre p.
     grid = torch.stack([(2 * x + 1) / width - 1, (2 * y + 1) / height - 1], dim=-1)
-    mode = "zeros" if padding == "constant" else "border"
+    out = _grid_sample(images, grid, image_index, "zeros" if padding == "constant" else "border")
+    if padding == "constant":
+        fill_t = torch.as_tensor(fill, dtype=out.dtype, device=out.device).reshape(-1, 1, 1)
+        if bool((fill_t != 0).any()):
+            # zeros padding gives out-of-image taps weight 0; they should carry the fill value.
+            cover = (_inside_weight(coords[..., 0], images.shape[3])
+                     * _inside_weight(coords[..., 1], images.shape[2])).to(out.dtype)
+            out = out + fill_t * (1 - cover[:, None])
+    return out
 
+
+def _grid_sample(images: Tensor, grid: Tensor, image_index: Tensor, mode: str) -> Tensor:
+    """Bilinear samples (N,C,h,w) of images[image_index[n]] at normalised grid (N,h,w,2)."""
+    b, c = images.shape[:2]
+    n, h, w, _ = grid.shape
     if b == n and bool((image_index == torch.arange(n, device=image_index.device)).all()):
         out = F.grid_sample(images, grid, mode="bilinear", padding_mode=mode, align_corners=False)
     else:
@@ -246,15 +259,17 @@ def _sample(images: Tensor, coords: Tensor, image_index: Tensor, padding: str, f
         out = F.grid_sample(images, stacked.view(b, slots * h, w, 2), mode="bilinear",
                             padding_mode=mode, align_corners=False)
         out = out.view(b, c, slots, h, w).transpose(1, 2)[image_index, slot]
-
-    if padding == "constant":
-        fill_t = torch.as_tensor(fill, dtype=out.dtype, device=out.device).reshape(-1, 1, 1)
-        if bool((fill_t != 0).any()):
-            # zeros padding gives out-of-image taps weight 0; they should carry the fill value.
-            cover = (_inside_weight(coords[..., 0], images.shape[3])
-                     * _inside_weight(coords[..., 1], images.shape[2])).to(out.dtype)
-            out = out + fill_t * (1 - cover[:, None])
     return out
+
+
+def _normalised_theta(mats: Tensor, out_size: tuple[int, int], image_size: tuple[int, int]) -> Tensor:
+    """(N,2,3) for F.affine_grid: image->crop pixel mats turned into crop->image maps between
+    grid_sample's normalised coordinates (align_corners=False), composed in float64."""
+    (w, h), (width, height) = out_size, image_size
+    f64 = dict(dtype=torch.float64, device=mats.device)
+    denorm = torch.tensor([[w / 2, 0, (w - 1) / 2], [0, h / 2, (h - 1) / 2], [0, 0, 1]], **f64)
+    norm = torch.tensor([[2 / width, 0, 1 / width - 1], [0, 2 / height, 1 / height - 1], [0, 0, 1]], **f64)
+    return (norm @ invert(mats.to(torch.float64)) @ denorm)[:, :2]
 
 
 def _check_padding(padding: str) -> None:
@@ -297,6 +312,13 @@ def warp(images: Tensor, mats: Tensor, image_index: Tensor | None, out_size: Seq
     coord_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
     if n == 0:
         return images.new_zeros(0, images.shape[1], h, w, dtype=out_dtype)
+    fill_zero = not bool((torch.as_tensor(fill) != 0).any())
+    if padding == "replicate" or (padding == "constant" and fill_zero):
+        # Fast path: one affine_grid (a batched matmul) instead of building pixel coordinates.
+        theta = _normalised_theta(mats.to(images.device), (w, h), (images.shape[3], images.shape[2]))
+        grid = F.affine_grid(theta.to(coord_dtype), [n, images.shape[1], h, w], align_corners=False)
+        out = _grid_sample(images, grid, image_index, "zeros" if padding == "constant" else "border")
+        return out.to(out_dtype)
     coords = _source_coords(invert(mats.to(images.device, torch.float64)), (w, h), coord_dtype)
     return _sample(images, coords, image_index, padding, fill).to(out_dtype)
 
