@@ -272,6 +272,25 @@ def _normalised_theta(mats: Tensor, out_size: tuple[int, int], image_size: tuple
     return (norm @ invert(mats.to(torch.float64)) @ denorm)[:, :2]
 
 
+def _footprint(image: Tensor, mats: Tensor, out_size: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The part of a (1,C,H,W) image that crops through mats (N,3,3) sample, and the mats
+    re-based onto it (image -> crop becomes region -> crop)."""
+    w, h = int(out_size[0]), int(out_size[1])
+    corners = torch.tensor([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], dtype=torch.float64,
+                           device=mats.device)
+    src = transform_points(corners.expand(len(mats), 4, 2), invert(mats)).reshape(-1, 2)
+    height, width = image.shape[2:]
+    lo = (src.amin(0).floor() - 1).clamp(min=0)
+    hi = (src.amax(0).floor() + 3)
+    x0, y0 = int(lo[0]), int(lo[1])
+    x1, y1 = int(hi[0].clamp(max=width)), int(hi[1].clamp(max=height))
+    if x1 <= x0 or y1 <= y0 or (x1 - x0) * (y1 - y0) > 0.6 * width * height:
+        return image, mats  # nothing to gain (or every crop lies outside the image)
+    shift = torch.eye(3, dtype=torch.float64, device=mats.device)
+    shift[0, 2], shift[1, 2] = x0, y0
+    return image[:, :, y0:y1, x0:x1], mats @ shift
+
+
 def _check_padding(padding: str) -> None:
     if padding not in PADDING_MODES:
         raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
@@ -295,6 +314,12 @@ def warp(images: Tensor, mats: Tensor, image_index: Tensor | None, out_size: Seq
     if mats.ndim != 3 or mats.shape[1:] != (3, 3):
         raise ValueError(f"mats must be (N,3,3), got {tuple(mats.shape)}")
     out_dtype = images.dtype if images.is_floating_point() else torch.float32
+    if not images.is_floating_point() and images.shape[0] == 1 and padding in ("constant", "replicate") \
+            and mats.shape[0]:
+        # An 8-bit frame: convert only the region the crops read (their footprint plus the
+        # bilinear taps) to float, not the whole frame. Where that region meets the image edge it
+        # is the image edge, so padding behaves exactly as on the full image.
+        images, mats = _footprint(images, mats.to(images.device, torch.float64), out_size)
     if images.dtype != torch.float64:
         # float16 grids cannot address large images to a fraction of a pixel: sample in float32.
         images = images.float()

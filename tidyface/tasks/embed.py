@@ -121,7 +121,7 @@ def embed_images(items: Iterable[tuple[object, np.ndarray]], model: str = DEFAUL
         if len(det) == 0:
             yield key, img, None, torch.zeros(0, int(enc.spec.preprocess.get("embedding_dim", 512)))
             continue
-        t = torch.from_numpy(img).to(dev).permute(2, 0, 1)[None].float()
+        t = torch.from_numpy(img).to(dev).permute(2, 0, 1)[None]  # uint8: warp reads only the faces
         faces = encoder_faces(t, det.to(dev), enc, area)
         yield key, img, faces, encode(enc, faces.crops, batch_size).cpu()
 

@@ -104,7 +104,7 @@ def collect_photo_faces(files: list[Path], root: Path, stage: Path, model, det_m
         bar.update(1)
         if faces is None:
             continue
-        t = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+        t = torch.from_numpy(img).permute(2, 0, 1)[None]  # uint8: warp reads only the faces
         views = view_crops(t, faces.detections.landmarks.cpu()).round().clamp(0, 255).to(torch.uint8)
         boxes = faces.detections.boxes.cpu()
         area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=1)
