@@ -193,3 +193,25 @@ def test_anime_style_names_the_missing_weights(tmp_path):
                         "--out-dir", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "anime" in r.stderr and "faster_rcnn_anime" in r.stderr
+
+
+def test_inspection_outputs(tmp_path):
+    """--save-frames / --save-rejects / --save-dupes write their pictures and logs; a second
+    grouping pass rewrites the logs instead of appending to them."""
+    video = need(MEDIA / "videos/face_recognition_short_hamilton_clip.mp4")
+    out = tmp_path / "out"
+    kw = dict(out_dir=str(out), video_step=0.5, save_frames=True, save_rejects=True, save_dupes=True,
+              hash_thr=12, group_log=True)
+    s = video_to_faces(str(video), **kw)
+    frames = sorted((out / "intermediate/frames").iterdir())
+    assert len(frames) == s["frames"] and max(cv2.imread(str(frames[0])).shape[:2]) <= 1024
+    rejects = list(csv.DictReader(open(out / "intermediate/log_rejects.csv")))
+    assert len(rejects) == s["rejected"] > 0
+    assert {"score", "too_low(min_score=0.4)", "too_small(min_size=50)", "too_close(min_border=5)"} <= set(rejects[0])
+    assert len(list((out / "intermediate/rejects").iterdir())) == len(rejects)
+    dupes = list(csv.DictReader(open(out / "intermediate/log_dupes1.csv")))
+    assert len(dupes) == len(list((out / "intermediate/dupes1").iterdir())) > 0
+    assert {"name", "kept", "distance"} <= set(dupes[0])
+    video_to_faces(str(video), **{**kw, "mode": "grouping"})
+    assert len(list(csv.DictReader(open(out / "intermediate/log_dupes1.csv")))) == len(dupes)
+    assert (out / "log_grouping.csv").is_file()
