@@ -144,3 +144,18 @@ def test_cli_crop_writes_crops_and_matrices(tmp_path):
     from tidyface.ops.image import read_image
 
     assert read_image(out / name).shape == (160, 128, 3)
+
+
+def test_cli_crop_without_weights_leaves_no_output(tmp_path):
+    """A crop run that cannot get its detector's weights stops before touching --out, so the
+    same command works once the weights are there (no stale crops.json blocking it)."""
+    import os
+
+    env = dict(os.environ, TIDYFACE_HOME=str(tmp_path / "store"), TIDYFACE_MIRROR="", TIDYFACE_OFFLINE="1")
+    out = tmp_path / "crops"
+    r = subprocess.run([sys.executable, "-m", "tidyface.cli", "crop", str(need(MEDIA / "skimage/astronaut.png")),
+                        "--out", str(out)], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "mobilenet0.25_Final.pth" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+    r = _cli("crop", need(MEDIA / "skimage/astronaut.png"), "--out", out)
+    assert r.returncode == 0, r.stderr

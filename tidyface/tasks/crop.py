@@ -751,6 +751,15 @@ def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
             table = read_landmark_file(landmarks)
             match = match_inputs(table, files, root)
             _check_given_faces(cropper, match.faces, table.path)
+        else:  # resolve the detector's weights before the output folder is touched
+            from ..weights import WeightsError
+            from .common import cached_model, resolve_device
+
+            try:
+                cached_model(det_model, str(resolve_device(device)),
+                             None if weights_dir is None else str(weights_dir))
+            except WeightsError as e:
+                raise CropError(str(e)) from None
         _prepare_output(out, overwrite)
     except (CropError, LandmarkFileError) as e:
         print(f"tidyface: error: {e}", file=sys.stderr)
