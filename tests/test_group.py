@@ -153,3 +153,12 @@ def test_cropped_faces_and_dedup(tmp_path):
     rs = rows(out)
     assert sum(r["group"] == "duplicate" for r in rs) == 1 and res.dropped == 1
     assert len(list((out / "_duplicates").iterdir())) == 1
+
+
+def test_group_without_weights_leaves_no_output(tmp_path):
+    env = dict(os.environ, TIDYFACE_HOME=str(tmp_path / "store"), TIDYFACE_MIRROR="", TIDYFACE_OFFLINE="1")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "tidyface.cli", "group", str(need(KNN / "train")), "--out", str(out)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "TIDYFACE_OFFLINE=1" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()

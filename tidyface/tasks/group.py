@@ -212,6 +212,12 @@ def run_group(path: str, out: str, mode: str = "auto", clusters="2-9", clusters_
         raise FileNotFoundError(f"{src}: no such file or folder")
     files = [p for p in expand_paths([src]) if p.suffix.lower() in IMAGE_EXTS]
     root = src.resolve() if src.is_dir() else src.resolve().parent
+    # weights first: a run that cannot get them must not leave a half-made output folder
+    from .common import cached_model, resolve_device
+
+    dev, wdir = str(resolve_device(device)), None if weights_dir is None else str(weights_dir)
+    for name in (model,) if cropped else (model, det_model):
+        cached_model(name, dev, wdir)
     prepare_out(out, overwrite)
     stage = out / ".staging"
     stage.mkdir()
@@ -247,10 +253,7 @@ def run_group(path: str, out: str, mode: str = "auto", clusters="2-9", clusters_
             grouping = gp.cluster(e, clusters, random_state=random_state, save_all=clusters_save_all)
         elif mode == "auto":
             if auto_thr is None:
-                from .common import cached_model
-                from .common import resolve_device
-                enc = cached_model(model, str(resolve_device(device)), None if weights_dir is None else str(weights_dir))
-                auto_thr = enc.spec.preprocess.get("auto_threshold", gp.AUTO_THRESHOLD)
+                auto_thr = cached_model(model, dev, wdir).spec.preprocess.get("auto_threshold", gp.AUTO_THRESHOLD)
             grouping = gp.auto(e, auto_thr)
         else:
             ref_emb, ref_labels = reference_embeddings(Path(ref_dir), model, det_model, min_score, device,
