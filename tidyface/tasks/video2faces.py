@@ -622,12 +622,13 @@ def video_to_faces(input: str, **kw) -> dict:
                                    f"--overwrite to replace them")
         if man is None:
             man = {"version": 1, "detection": sig, "inputs": listing, "videos": {}}
+        # weights before the first write: a run that cannot get them leaves no folder behind
+        det = cached_model(s.det_model, str(device), s.weights_dir)
+        enc = cached_model(s.enc_model, str(device), s.weights_dir)
         for d in (ws.faces, ws.state) + ((ws.inter / "frames",) if s.save_frames else ()) + \
                 ((ws.inter / "rejects",) if s.save_rejects else ()):
             d.mkdir(parents=True, exist_ok=True)
         ws.save_manifest(man)
-        det = cached_model(s.det_model, str(device), s.weights_dir)
-        enc = cached_model(s.enc_model, str(device), s.weights_dir)
         if s.mode == "full":
             _warm_imports(s.group_mode)
         multi = len(videos) > 1 or inp.is_dir() or inp.suffix.lower() == ".txt"
