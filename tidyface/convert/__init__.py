@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 
 def load_torch_file(path: Path) -> dict:
@@ -31,3 +31,18 @@ def rename_keys(state: dict, rules: Iterable[tuple[str, str]]) -> dict:
             k = pat.sub(rep, k)
         out[k] = v
     return out
+
+
+def check_complete(state: dict, builder: Callable, source: str) -> dict:
+    """The converted state dict (contiguous tensors, order kept) once it has exactly the model's
+    keys and shapes; otherwise a ValueError naming the source file and the first differences."""
+    import torch
+
+    with torch.device("meta"):  # shapes only: no memory and no init cost
+        want = {k: v.shape for k, v in builder().state_dict().items()}
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    wrong = [k for k in want if k in state and state[k].shape != want[k]]
+    if missing or extra or wrong:
+        raise ValueError(f"{source}: conversion does not match {builder.__name__}: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}, wrong shapes {wrong[:5]}")
+    return {k: v.contiguous() for k, v in state.items()}

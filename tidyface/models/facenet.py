@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..convert import load_torch_file, rename_keys
+from ..convert import check_complete, load_torch_file, rename_keys
 from ..registry import UpstreamFile, WeightSpec, register
 
 BN_EPS = 1e-3  # both upstreams train with TF's batch_norm epsilon
@@ -195,21 +195,6 @@ def _fold_all(state: dict, eps: float = BN_EPS) -> dict:
     return out
 
 
-def _expected_shapes() -> dict[str, torch.Size]:
-    with torch.device("meta"):  # shapes only, no memory and no init cost
-        return {k: v.shape for k, v in InceptionResnetV1().state_dict().items()}
-
-
-def _check_complete(state: dict, source: str) -> dict:
-    want = _expected_shapes()
-    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    wrong = [k for k in want if k in state and state[k].shape != want[k]]
-    if missing or extra or wrong:
-        raise ValueError(f"{source}: conversion does not match InceptionResnetV1: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]}, wrong shapes {wrong[:5]}")
-    return {k: state[k].contiguous() for k in want}
-
-
 # facenet-pytorch module path -> tidyface module path, applied in order (BasicConv2d's inner
 # `.conv`/`.bn` are renamed last). Its `logits.*` (training classifier) is dropped.
 _BRANCHES_35 = [("branch0", "branch_0.conv_1x1"), ("branch1.0", "branch_1.conv_0a_1x1"),
@@ -251,7 +236,7 @@ def convert_facenet_pytorch(paths: Mapping[str, Path]) -> dict:
     (path,) = paths.values()
     state = {k: v for k, v in load_torch_file(path).items()
              if not k.startswith("logits.") and not k.endswith("num_batches_tracked")}
-    return _check_complete(_fold_all(rename_keys(state, FACENET_PYTORCH_RULES)), str(path))
+    return check_complete(_fold_all(rename_keys(state, FACENET_PYTORCH_RULES)), InceptionResnetV1, str(path))
 
 
 # graph_final.pb Const node -> tidyface key, applied in order after dropping "InceptionResnetV1/".
@@ -345,7 +330,7 @@ def convert_tf_graph(paths: Mapping[str, Path]) -> dict:
         elif value.dim() == 2:
             value = value.t()  # MatMul (in, out) -> Linear (out, in)
         state[key] = value
-    return _check_complete(_fold_all(state, mapping.bn_eps), str(path))
+    return check_complete(_fold_all(state, mapping.bn_eps), InceptionResnetV1, str(path))
 
 
 # ---------------------------------------------------------------------------------------------

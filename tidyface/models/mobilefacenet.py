@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..convert import load_torch_file, rename_keys
+from ..convert import check_complete, load_torch_file, rename_keys
 from ..registry import UpstreamFile, WeightSpec, register
 
 INPUT_SIZE = 112
@@ -164,17 +164,7 @@ KEY_MAP = (
 def convert_foamliu(paths: Mapping[str, Path]) -> dict:
     """foamliu's `mobilefacenet.pt` (a plain state dict of 307 tensors) -> our names, checked."""
     (path,) = paths.values()
-    state = rename_keys(load_torch_file(path), KEY_MAP)
-    expected = MobileFaceNet().state_dict()
-    unknown = sorted(set(state) - set(expected))
-    missing = sorted(set(expected) - set(state))
-    if unknown or missing:
-        raise ValueError(f"{path}: not a foamliu MobileFaceNet state dict "
-                         f"(unmapped: {unknown[:5]}, missing: {missing[:5]})")
-    wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
-    if wrong:
-        raise ValueError(f"{path}: shape mismatch for {wrong[:5]}")
-    return state
+    return check_complete(rename_keys(load_torch_file(path), KEY_MAP), MobileFaceNet, str(path))
 
 
 register(
