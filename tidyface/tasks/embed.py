@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..ops.align import template_for, umeyama, warp
+from ..ops.image import atomic_path
 from ..types import Detections, Faces
 from .common import cached_model, read_ahead, resolve_device, warn
 from .detect import DEFAULT_DETECTOR, detect_batches
@@ -89,16 +89,10 @@ class FaceTable:
 
     def save(self, path: str | os.PathLike) -> None:
         """An .npz (written atomically) with embeddings, source, face_index, boxes, scores, landmarks."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.part-{os.getpid()}.npz")
-        try:
-            np.savez(tmp, embeddings=self.embeddings, source=np.array(self.source, dtype=str),
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: the name is kept as given
+            np.savez(fh, embeddings=self.embeddings, source=np.array(self.source, dtype=str),
                      face_index=np.array(self.face_index, dtype=np.int64), boxes=self.boxes,
                      scores=self.scores, landmarks=self.landmarks)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path) -> "FaceTable":

@@ -20,15 +20,14 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..ops.image import atomic_write_bytes, write_image
-from ..types import Detections
+from ..ops.image import atomic_path, atomic_write_bytes, write_image
 from . import dedup as dd
 from . import grouping as gp
 from .common import cached_model, resolve_device, warn
@@ -232,12 +231,8 @@ class Workspace:
 
 
 def save_table(path: Path, t: dict) -> None:
-    tmp = path.with_name(f".{path.stem}.part-{os.getpid()}.npz")
-    try:
-        np.savez(tmp, **t)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **t)
 
 
 def empty_table(dim: int) -> dict:
