@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import MEDIA, need
+from test_align import complex_ls_similarity
 from tidyface.ops.align import template_for
 from tidyface.ops.image import read_image, write_image
 from tidyface.tasks.crop import (CropError, Cropper, bbox_matrices, crop, load_crops, load_template,
@@ -453,14 +454,6 @@ def test_real_photos_every_face_is_cropped(real_run):
         want = {f"{folder}/{stem}_{i}.png" for i in range(n)}
         assert want <= set(recs), name
         assert all((out / k).exists() for k in want)
-
-
-def complex_ls_similarity(src, dst):
-    zs, zd = src[:, 0] + 1j * src[:, 1], dst[:, 0] + 1j * dst[:, 1]
-    zs_c, zd_c = zs - zs.mean(), zd - zd.mean()
-    a = (np.conj(zs_c) * zd_c).sum() / (np.abs(zs_c) ** 2).sum()
-    b = zd.mean() - a * zs.mean()
-    return np.array([[a.real, -a.imag, b.real], [a.imag, a.real, b.imag], [0, 0, 1]])
 
 
 def test_real_photos_matrices_and_pixels(real_run):
