@@ -34,6 +34,10 @@ def encoder_geometry(encoder) -> tuple[int, str, float | None]:
     return int(pre["input_size"]), pre.get("template", "arcface"), pre.get("face_factor")
 
 
+def embedding_dim(encoder) -> int:
+    return int(encoder.spec.preprocess["embedding_dim"])
+
+
 def area_matrices(boxes: Tensor, area, size: int) -> Tensor:
     """Image -> crop matrices that stretch the `area` fractions of each box onto size x size
     (the unaligned input the video-to-faces tool used)."""
@@ -67,8 +71,7 @@ def encoder_faces(images: Tensor, dets: Detections, encoder, enc_area=None) -> F
 def encode(encoder, crops: Tensor, batch_size: int = 32) -> Tensor:
     """(N,3,S,S) RGB 0..255 crops -> (N,D) L2-normalised embeddings, in chunks of batch_size."""
     if len(crops) == 0:
-        dim = int(encoder.spec.preprocess.get("embedding_dim", 512))
-        return crops.new_zeros(0, dim)
+        return crops.new_zeros(0, embedding_dim(encoder))
     crops = crops.contiguous(memory_format=torch.channels_last)
     return torch.cat([encoder.embed(crops[i:i + batch_size]) for i in range(0, len(crops), batch_size)])
 
@@ -113,7 +116,7 @@ def embed_images(items: Iterable[tuple[object, np.ndarray]], model: str = DEFAUL
     area = parse_area(enc_area)
     for key, img, det in detect_batches(items, det_model, min_score, dev, det_batch_size, weights_dir):
         if len(det) == 0:
-            yield key, img, None, torch.zeros(0, int(enc.spec.preprocess.get("embedding_dim", 512)))
+            yield key, img, None, torch.zeros(0, embedding_dim(enc))
             continue
         t = torch.from_numpy(img).to(dev).permute(2, 0, 1)[None]  # uint8: warp reads only the faces
         faces = encoder_faces(t, det.to(dev), enc, area)
@@ -135,7 +138,7 @@ def embed_crops(images: Sequence[np.ndarray], model: str = DEFAULT_ENCODER, devi
         box = torch.tensor([[0, 0, w, h]], dtype=torch.float64, device=dev)
         out.append(warp(t, area_matrices(box, area, size), None, (size, size), padding="replicate"))
     if not out:
-        return torch.zeros(0, int(enc.spec.preprocess.get("embedding_dim", 512)))
+        return torch.zeros(0, embedding_dim(enc))
     return encode(enc, torch.cat(out), batch_size).cpu()
 
 

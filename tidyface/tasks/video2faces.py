@@ -31,7 +31,7 @@ from ..ops.image import atomic_path, atomic_write_bytes, write_image
 from . import dedup as dd
 from . import grouping as gp
 from .common import cached_model, resolve_device, warn
-from .embed import encode, encoder_faces, parse_area
+from .embed import embedding_dim, encode, encoder_faces, parse_area
 from .group import reference_embeddings, write_csv
 
 STATE = ".tidyface"
@@ -320,7 +320,7 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
     stats = VideoStats(str(path))
     info = probe(path)  # raises a one-line VideoReadError for unreadable files
     dev = next(det.parameters()).device
-    dim = int(enc.spec.preprocess.get("embedding_dim", 512))
+    dim = embedding_dim(enc)
     table = {k: [] for k in empty_table(dim)}
     rejects: list[dict] = []
     q: queue.Queue = queue.Queue(maxsize=2 * s.det_batch_size + 2)
