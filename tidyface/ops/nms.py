@@ -21,31 +21,53 @@ def box_iou(a: Tensor, b: Tensor, offset: float = 0.0, mode: str = "union") -> T
     return inter / denom.clamp(min=1e-12)
 
 
+def overlaps(a: Tensor, b: Tensor, iou_threshold: float, offset: float = 0.0, mode: str = "union") -> Tensor:
+    """(len(a), len(b)) bool: overlap > iou_threshold, compared as inter > t * denom (no division)."""
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt + offset).clamp_(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    area_a, area_b = box_area(a, offset)[:, None], box_area(b, offset)[None, :]
+    denom = torch.minimum(area_a, area_b) if mode == "min" else area_a + area_b - inter
+    return inter > iou_threshold * denom.clamp(min=1e-12)
+
+
+_BLOCK = 128
+
+
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, offset: float = 0.0,
         mode: str = "union") -> Tensor:
     """Indices of kept boxes, by decreasing score; a box is dropped when its overlap with a kept,
     higher-scoring box is > iou_threshold. offset=1 counts pixels inclusively (legacy MTCNN code).
+
+    Exactly greedy NMS, without a Python step per box: in score order, box j is kept iff no kept
+    box before it overlaps it. Over a block of boxes that is a triangular system whose unique
+    solution is reached by iterating keep <- alive & ~any(kept & overlap) until it stops changing
+    (as many rounds as the longest chain of suppressions, a handful in practice). Blocks bound the
+    overlap matrices; each block first drops what the kept boxes of earlier blocks overlap.
     """
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    # Box lists are small; float64 numpy on the host is exact and has ~1 us per-op overhead,
-    # where per-op torch dispatch would dominate this inherently sequential loop.
-    order = np.argsort(-scores.detach().double().cpu().numpy(), kind="stable")
-    b = boxes.detach().double().cpu().numpy()[order]
-    x1, y1, x2, y2 = b.T
-    area = np.clip(x2 - x1 + offset, 0, None) * np.clip(y2 - y1 + offset, 0, None)
-    keep = []
-    remaining = np.arange(len(order))
-    # One pass per *kept* box, each vectorised over the boxes still standing.
-    while remaining.size:
-        i, rest = remaining[0], remaining[1:]
-        keep.append(i)
-        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + offset, 0, None)
-        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + offset, 0, None)
-        inter = w * h
-        denom = np.minimum(area[i], area[rest]) if mode == "min" else area[i] + area[rest] - inter
-        remaining = rest[inter <= iou_threshold * np.maximum(denom, 1e-12)]
-    return torch.as_tensor(order[np.asarray(keep, dtype=np.int64)], device=boxes.device)
+    order = torch.argsort(scores, descending=True, stable=True)
+    # float64: products of float32 coordinates are exact, so ties are decided as on paper.
+    b = boxes[order].double()
+    keep = torch.zeros(len(b), dtype=torch.bool, device=b.device)
+    for s in range(0, len(b), _BLOCK):
+        block = b[s:s + _BLOCK]
+        alive = torch.ones(len(block), dtype=torch.bool, device=b.device)
+        if s:
+            kept = b[:s][keep[:s]]
+            if len(kept):
+                alive = ~overlaps(kept, block, iou_threshold, offset, mode).any(0)
+        over = overlaps(block, block, iou_threshold, offset, mode).triu_(1)
+        k = alive
+        while True:
+            nxt = alive & ~(over & k[:, None]).any(0)
+            if torch.equal(nxt, k):
+                break
+            k = nxt
+        keep[s:s + len(block)] = k
+    return order[keep]
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float,
