@@ -184,7 +184,7 @@ class SummedArea:
 
     def crops(self, boxes: Tensor, image_index: Tensor, size: int) -> tuple[Tensor, Tensor]:
         """Crops (M,3,size,size), channels-last, of the in-image part of each box (upstream's
-        clipping rules), and the indices of the boxes that had a non-empty part, by frame."""
+        clipping rules), and the indices of the boxes that had a non-empty part, frame by frame."""
         b = boxes.trunc().long()
         x0, y0 = (b[:, 0] - 1).clamp(min=0), (b[:, 1] - 1).clamp(min=0)
         x1, y1 = b[:, 2].clamp(max=self.w), b[:, 3].clamp(max=self.h)
@@ -205,8 +205,8 @@ class SummedArea:
             out.append(_average(sums, r1 - r0, c1 - c0))
             kept.append(sel)
         if not out:
-            c = self.images.shape[1]
-            return self.images.new_zeros(0, c, size, size), torch.zeros(0, dtype=torch.long, device=boxes.device)
+            z = torch.zeros(0, dtype=torch.long, device=boxes.device)
+            return self.images.new_zeros(0, self.images.shape[1], size, size), z
         return torch.cat(out), torch.cat(kept)
 
 
@@ -248,14 +248,13 @@ class MTCNN(nn.Module):
             t3 = min_score
         dev = images.device
         areas = SummedArea(images)
-        boxes, scores, offsets, img_idx = self._propose(areas, t1)
+        # Stage 1, per frame, cutting its 24x24 crops while the frame's table is in cache.
+        stage1 = [self._propose(areas, i, t1) for i in range(len(images))]
+        boxes, crops, img_idx = (torch.cat(t) for t in zip(*stage1))
         if len(boxes) == 0:
             return Detections.empty(dev)
-        boxes = square(apply_offsets(boxes, offsets, inclusive=False))
 
-        # Stage 2: refine proposals on 24x24 crops.
-        crops, valid = areas.crops(boxes, img_idx, 24)
-        boxes, img_idx = boxes[valid], img_idx[valid]
+        # Stage 2: refine proposals on 24x24 crops, all frames at once.
         prob, offsets = _chunked(self.rnet, normalize_(crops))
         keep = prob > t2
         boxes, prob, offsets, img_idx = boxes[keep], prob[keep], offsets[keep], img_idx[keep]
@@ -277,32 +276,30 @@ class MTCNN(nn.Module):
         pick = batched_nms(boxes, prob, img_idx, 0.7, offset=1, mode="min")
         return Detections(boxes[pick].float(), prob[pick].float(), points[pick].float(), img_idx[pick])
 
-    def _propose(self, areas: SummedArea, threshold: float):
-        """Stage 1: P-Net over the image pyramid; NMS 0.5 within each scale, then 0.7 across.
-
-        The pyramid runs one frame at a time: its large activations then stay in cache (batching
-        8 full frames here made every frame slower); stages 2 and 3 batch over all frames."""
+    def _propose(self, areas: SummedArea, i: int, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Stage 1 on frame i: P-Net over the image pyramid, NMS 0.5 within each scale, then 0.7
+        across; the proposals squared -> boxes (N,4), their 24x24 crops, frame index (N,)."""
         per_scale = []
         h, w, dev = areas.h, areas.w, areas.images.device
-        scales = pyramid_scales(h, w, self.min_face_size, self.factor)
-        for i in range(len(areas.images)):
-            for scale in scales:
-                small = areas.resize(i, int(h * scale + 1), int(w * scale + 1))
-                prob, offsets = self.pnet(normalize_(small))
-                _, row, col = torch.nonzero(prob >= threshold, as_tuple=True)
-                score = prob[0, row, col]
-                cell = torch.stack([col, row], 1).float()
-                boxes = torch.cat([((2 * cell + 1) / scale).floor(), ((2 * cell + 12) / scale).floor()], 1)
-                offs = offsets[0].permute(1, 2, 0)[row, col]
-                pick = nms(boxes, score, 0.5)
-                img = torch.full((len(pick),), i, dtype=torch.long, device=dev)
-                per_scale.append((boxes[pick], score[pick], offs[pick], img))
-        if not per_scale:
-            z = torch.zeros(0, 4, device=dev)
-            return z, z[:, 0], z, torch.zeros(0, dtype=torch.long, device=dev)
-        boxes, scores, offsets, img = (torch.cat(t) for t in zip(*per_scale))
-        pick = batched_nms(boxes, scores, img, 0.7)
-        return boxes[pick], scores[pick], offsets[pick], img[pick]
+        for scale in pyramid_scales(h, w, self.min_face_size, self.factor):
+            small = areas.resize(i, int(h * scale + 1), int(w * scale + 1))
+            prob, offsets = self.pnet(normalize_(small))
+            _, row, col = torch.nonzero(prob >= threshold, as_tuple=True)
+            score = prob[0, row, col]
+            cell = torch.stack([col, row], 1).float()
+            boxes = torch.cat([((2 * cell + 1) / scale).floor(), ((2 * cell + 12) / scale).floor()], 1)
+            offs = offsets[0].permute(1, 2, 0)[row, col]
+            pick = nms(boxes, score, 0.5)
+            per_scale.append((boxes[pick], score[pick], offs[pick]))
+        if not per_scale:  # frame smaller than P-Net's window
+            none = torch.zeros(0, 4, device=dev)
+            per_scale.append((none, none[:, 0], none))
+        boxes, scores, offsets = (torch.cat(t) for t in zip(*per_scale))
+        pick = nms(boxes, scores, 0.7)
+        boxes = square(apply_offsets(boxes[pick], offsets[pick], inclusive=False))
+        frame = torch.full((len(boxes),), i, dtype=torch.long, device=dev)
+        crops, kept = areas.crops(boxes, frame, 24)
+        return boxes[kept], crops, frame[kept]
 
 
 def _chunked(net: nn.Module, x: Tensor, size: int = 512):
