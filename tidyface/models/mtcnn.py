@@ -145,69 +145,50 @@ def _bins(start: Tensor, length: Tensor, size: int) -> tuple[Tensor, Tensor]:
 
 
 class SummedArea:
-    """Area-averaged resampling of a batch of frames, whole or in many boxes, from summed-area
-    tables.
+    """Area-averaged resampling of one frame, whole or in many boxes, from its summed-area table.
 
     Area resampling (F.interpolate(mode="area"), which facenet-pytorch uses for the pyramid and
     for every crop) averages the input pixels of each output cell. With a summed-area table each
     cell is four lookups, so the whole pyramid costs one pass over the frame instead of one per
-    level, and all boxes of a frame are cropped in one gather instead of one call per box. Tables
-    are float64 (sums exact for 8-bit images, so results equal F.interpolate's) and built per
-    frame when first needed: one frame's table stays in cache while its pyramid is read.
+    level, and all boxes are cropped in one gather instead of one call per box. The table is
+    float64: its sums are exact for 8-bit images, so results equal F.interpolate's.
     """
 
-    def __init__(self, images: Tensor):
-        self.images = images
-        self.h, self.w = images.shape[2:]
-        self.tables: dict[int, Tensor] = {}
+    def __init__(self, image: Tensor):
+        c, self.h, self.w = image.shape
+        t = image.new_zeros((self.h + 1, self.w + 1, c), dtype=torch.float64)
+        t[1:, 1:] = image.permute(1, 2, 0)
+        torch.cumsum(t, 1, out=t)
+        self.table = torch.cumsum(t, 0, out=t)  # table[r, k] = sum of image[:, :r, :k]
 
-    def table(self, i: int) -> Tensor:
-        """(H+1, W+1, C): sums of frame i over [:row, :col]."""
-        if i not in self.tables:
-            x = self.images[i]
-            t = x.new_zeros((self.h + 1, self.w + 1, x.shape[0]), dtype=torch.float64)
-            t[1:, 1:] = x.permute(1, 2, 0)
-            torch.cumsum(t, 1, out=t)
-            self.tables[i] = torch.cumsum(t, 0, out=t)
-        return self.tables[i]
-
-    def resize(self, i: int, height: int, width: int) -> Tensor:
-        """Frame i resized to (1,3,height,width), channels-last float32."""
-        dev = self.images.device
+    def resize(self, height: int, width: int) -> Tensor:
+        """The frame resized to (1,3,height,width), channels-last float32."""
+        dev = self.table.device
         zero = torch.zeros((), dtype=torch.long, device=dev)
         r0, r1 = _bins(zero, torch.tensor(self.h, device=dev), height)
         c0, c1 = _bins(zero, torch.tensor(self.w, device=dev), width)
-        t = self.table(i)
-        rows = t.index_select(0, r1) - t.index_select(0, r0)
+        rows = self.table.index_select(0, r1) - self.table.index_select(0, r0)
         sums = rows.index_select(1, c1) - rows.index_select(1, c0)
         return _average(sums[None], (r1 - r0)[None], (c1 - c0)[None])
 
-    def crops(self, boxes: Tensor, image_index: Tensor, size: int) -> tuple[Tensor, Tensor]:
-        """Crops (M,3,size,size), channels-last, of the in-image part of each box (upstream's
-        clipping rules), and the indices of the boxes that had a non-empty part, frame by frame."""
+    def crops(self, boxes: Tensor, size: int) -> tuple[Tensor, Tensor]:
+        """Crops (M,3,size,size), channels-last, of the in-frame part of each box (upstream's
+        clipping rules), and the indices of the boxes that had a non-empty part."""
         b = boxes.trunc().long()
         x0, y0 = (b[:, 0] - 1).clamp(min=0), (b[:, 1] - 1).clamp(min=0)
         x1, y1 = b[:, 2].clamp(max=self.w), b[:, 3].clamp(max=self.h)
-        ok = (x1 > x0) & (y1 > y0)
-        out, kept = [], []
-        for i in torch.unique(image_index[ok]).tolist():  # one frame's table at a time
-            sel = torch.nonzero(ok & (image_index == i)).flatten()
-            r0, r1 = _bins(y0[sel], y1[sel] - y0[sel], size)
-            c0, c1 = _bins(x0[sel], x1[sel] - x0[sel], size)
-            t = self.table(i)
-            flat, stride = t.view(-1, t.shape[2]), t.shape[1]
+        kept = torch.nonzero((x1 > x0) & (y1 > y0)).flatten()
+        x0, y0, x1, y1 = x0[kept], y0[kept], x1[kept], y1[kept]
+        r0, r1 = _bins(y0, y1 - y0, size)
+        c0, c1 = _bins(x0, x1 - x0, size)
+        flat, stride = self.table.view(-1, self.table.shape[2]), self.table.shape[1]
 
-            def at(rows, cols):  # (M,size,size,C) table values at the given row/col edges
-                idx = rows[:, :, None] * stride + cols[:, None, :]
-                return flat.index_select(0, idx.flatten()).view(*idx.shape, flat.shape[1])
+        def at(rows, cols):  # (M,size,size,C) table values at the given row/col edges
+            idx = rows[:, :, None] * stride + cols[:, None, :]
+            return flat.index_select(0, idx.flatten()).view(*idx.shape, flat.shape[1])
 
-            sums = at(r1, c1) - at(r0, c1) - at(r1, c0) + at(r0, c0)
-            out.append(_average(sums, r1 - r0, c1 - c0))
-            kept.append(sel)
-        if not out:
-            z = torch.zeros(0, dtype=torch.long, device=boxes.device)
-            return self.images.new_zeros(0, self.images.shape[1], size, size), z
-        return torch.cat(out), torch.cat(kept)
+        sums = at(r1, c1) - at(r0, c1) - at(r1, c0) + at(r0, c0)
+        return _average(sums, r1 - r0, c1 - c0), kept
 
 
 def _average(sums: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -246,27 +227,16 @@ class MTCNN(nn.Module):
         t1, t2, t3 = self.thresholds
         if min_score is not None:
             t3 = min_score
-        dev = images.device
-        areas = SummedArea(images)
-        # Stage 1, per frame, cutting its 24x24 crops while the frame's table is in cache.
-        stage1 = [self._propose(areas, i, t1) for i in range(len(images))]
-        boxes, crops, img_idx = (torch.cat(t) for t in zip(*stage1))
+        # Stages 1 and 2 one frame at a time: its summed-area table is built, read while it is
+        # in cache, and freed; stage 3 then runs on the 48x48 crops of all frames at once.
+        per_frame = [self._refine(SummedArea(image), t1, t2) for image in images]
+        boxes, crops = (torch.cat(t) for t in zip(*per_frame))
+        counts = torch.tensor([len(b) for b, _ in per_frame], device=images.device)
+        img_idx = torch.repeat_interleave(torch.arange(len(images), device=images.device), counts)
         if len(boxes) == 0:
-            return Detections.empty(dev)
-
-        # Stage 2: refine proposals on 24x24 crops, all frames at once.
-        prob, offsets = _chunked(self.rnet, normalize_(crops))
-        keep = prob > t2
-        boxes, prob, offsets, img_idx = boxes[keep], prob[keep], offsets[keep], img_idx[keep]
-        pick = batched_nms(boxes, prob, img_idx, 0.7)
-        boxes = square(apply_offsets(boxes[pick], offsets[pick]))
-        img_idx = img_idx[pick]
-        if len(boxes) == 0:
-            return Detections.empty(dev)
+            return Detections.empty(images.device)
 
         # Stage 3: score, final box and landmarks on 48x48 crops.
-        crops, valid = areas.crops(boxes, img_idx, 48)
-        boxes, img_idx = boxes[valid], img_idx[valid]
         prob, offsets, marks = _chunked(self.onet, normalize_(crops))
         keep = prob > t3
         boxes, prob, offsets, marks, img_idx = boxes[keep], prob[keep], offsets[keep], marks[keep], img_idx[keep]
@@ -276,14 +246,25 @@ class MTCNN(nn.Module):
         pick = batched_nms(boxes, prob, img_idx, 0.7, offset=1, mode="min")
         return Detections(boxes[pick].float(), prob[pick].float(), points[pick].float(), img_idx[pick])
 
-    def _propose(self, areas: SummedArea, i: int, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-        """Stage 1 on frame i: P-Net over the image pyramid, NMS 0.5 within each scale, then 0.7
-        across; the proposals squared -> boxes (N,4), their 24x24 crops, frame index (N,)."""
+    def _refine(self, areas: SummedArea, t1: float, t2: float) -> tuple[Tensor, Tensor]:
+        """Stages 1 and 2 on one frame -> squared boxes (N,4) for stage 3, their 48x48 crops."""
+        boxes = self._propose(areas, t1)
+        crops, kept = areas.crops(boxes, 24)
+        prob, offsets = _chunked(self.rnet, normalize_(crops))
+        passed = prob > t2
+        boxes, prob, offsets = boxes[kept][passed], prob[passed], offsets[passed]
+        pick = nms(boxes, prob, 0.7)
+        boxes = square(apply_offsets(boxes[pick], offsets[pick]))
+        crops, kept = areas.crops(boxes, 48)
+        return boxes[kept], crops
+
+    def _propose(self, areas: SummedArea, threshold: float) -> Tensor:
+        """Stage 1: P-Net over the image pyramid, NMS 0.5 within each scale, then 0.7 across ->
+        the proposals, moved by their offsets and squared (N,4)."""
         per_scale = []
-        h, w, dev = areas.h, areas.w, areas.images.device
+        h, w, dev = areas.h, areas.w, areas.table.device
         for scale in pyramid_scales(h, w, self.min_face_size, self.factor):
-            small = areas.resize(i, int(h * scale + 1), int(w * scale + 1))
-            prob, offsets = self.pnet(normalize_(small))
+            prob, offsets = self.pnet(normalize_(areas.resize(int(h * scale + 1), int(w * scale + 1))))
             _, row, col = torch.nonzero(prob >= threshold, as_tuple=True)
             score = prob[0, row, col]
             cell = torch.stack([col, row], 1).float()
@@ -296,10 +277,7 @@ class MTCNN(nn.Module):
             per_scale.append((none, none[:, 0], none))
         boxes, scores, offsets = (torch.cat(t) for t in zip(*per_scale))
         pick = nms(boxes, scores, 0.7)
-        boxes = square(apply_offsets(boxes[pick], offsets[pick], inclusive=False))
-        frame = torch.full((len(boxes),), i, dtype=torch.long, device=dev)
-        crops, kept = areas.crops(boxes, frame, 24)
-        return boxes[kept], crops, frame[kept]
+        return square(apply_offsets(boxes[pick], offsets[pick], inclusive=False))
 
 
 def _chunked(net: nn.Module, x: Tensor, size: int = 512):
