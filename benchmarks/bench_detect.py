@@ -73,7 +73,7 @@ def main():
         return ref.detect(np.stack(fs))
 
     def run_ours(fs):
-        return ours.detect(to_tensor_batch(fs))
+        return ours.detect(to_tensor_batch(fs, dtype=torch.uint8))  # as `tidyface detect` passes frames
 
     for b in (1, 8):
         r, o = per_frame_ms(run_ref, frames, b), per_frame_ms(run_ours, frames, b)
@@ -97,7 +97,7 @@ def main():
         DEFAULT_MAX_SIZE = 640  # what video2faces uses (--det-size); the library default is 1280 = full 720p
         for size, label in ((None, "full 720p"), (DEFAULT_MAX_SIZE, f"max side {DEFAULT_MAX_SIZE}")):
             for b in (1, 8):
-                o = per_frame_ms(lambda fs: rf.detect(to_tensor_batch(fs), max_size=size), frames, b)
+                o = per_frame_ms(lambda fs: rf.detect(to_tensor_batch(fs, dtype=torch.uint8), max_size=size), frames, b)
                 rows.append((f"RetinaFace mnet0.25 {label}, batch {b}", "", f"{o:.0f}", ""))
     except Exception as e:  # report, do not hide, why a row is missing
         print(f"RetinaFace rows skipped: {e.__class__.__name__}: {e}")

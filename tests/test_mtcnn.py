@@ -61,3 +61,12 @@ def test_batch_equals_single(nets):
         order_a, order_b = alone.scores.argsort(), got.scores.argsort()
         assert torch.allclose(alone.boxes[order_a], got.boxes[order_b], atol=1e-3)
     assert len(batch.for_image(2)) == 0
+
+
+def test_uint8_frames_give_the_float_result(nets):
+    """`tidyface detect` hands the detectors 8-bit frames (4x less memory than float)."""
+    _, ours = nets
+    img = read_image(need(MEDIA / "facenet_pytorch/multiface.jpg"))
+    a = ours.detect(to_tensor_batch([img]))
+    b = ours.detect(to_tensor_batch([img], dtype=torch.uint8))
+    assert len(a) > 0 and torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)

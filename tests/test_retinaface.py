@@ -204,3 +204,10 @@ def test_r50_parity_with_facexlib_random_weights(monkeypatch):
     for u, v in zip(a, b):
         assert u.shape == v.shape
         assert (u - v).abs().max() <= 1e-4
+
+
+def test_uint8_frames_give_the_float_result(mnet):
+    img = _rgb(MEDIA / "insightface_wheel/t1.jpg")
+    a = mnet.detect(to_tensor_batch([img]))
+    b = mnet.detect(to_tensor_batch([img], dtype=torch.uint8))
+    assert len(a) > 0 and torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)

@@ -220,7 +220,7 @@ class MTCNN(nn.Module):
 
     @torch.inference_mode()
     def detect(self, images: Tensor, min_score: float | None = None, max_size: int | None = None) -> Detections:
-        """images (B,3,H,W) float RGB 0..255 on the model's device -> Detections.
+        """images (B,3,H,W) RGB 0..255 (uint8, or float) on the model's device -> Detections.
 
         max_size: run on a copy shrunk (area averaging) so its longer side is at most this,
         for speed; boxes and landmarks still come back in input pixels. Default: full size.
@@ -228,7 +228,7 @@ class MTCNN(nn.Module):
         h, w = images.shape[2:]
         if max_size is not None and max(h, w) > max_size:
             s = max_size / max(h, w)
-            small = F.interpolate(images, size=(round(h * s), round(w * s)), mode="area")
+            small = F.interpolate(images.float(), size=(round(h * s), round(w * s)), mode="area")
             d = self.detect(small, min_score)
             sx, sy = w / small.shape[3], h / small.shape[2]
             scale = torch.tensor([sx, sy, sx, sy], device=images.device)

@@ -211,7 +211,8 @@ class RetinaFace(nn.Module):
 
     @torch.no_grad()
     def detect(self, images: Tensor, min_score: float | None = None, max_size=_UNSET) -> Detections:
-        """images (B,3,H,W) float RGB 0..255 on the model's device -> Detections in input pixels.
+        """images (B,3,H,W) RGB 0..255 (uint8 or float) on the model's device -> Detections in
+        input pixels.
 
         One forward for the whole batch. min_score defaults to self.min_score (0.5), max_size to
         self.max_size (longer side of the network input; None = full resolution)."""
@@ -224,10 +225,12 @@ class RetinaFace(nn.Module):
 
 
 def preprocess(images: Tensor, max_size: int | None = None) -> Tensor:
-    """RGB float 0..255 (B,3,H,W) -> network input: resized so the longer side is at most
+    """RGB 0..255 (B,3,H,W), uint8 or float -> network input: resized so the longer side is at most
     max_size (aspect kept, bilinear as upstream's cv2.INTER_LINEAR; never upscaled), BGR minus mean."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (B,3,H,W), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        images = images.float()
     h, w = images.shape[-2:]
     if max_size is not None and max(h, w) > max_size:
         s = max_size / max(h, w)

@@ -79,9 +79,10 @@ def expand_paths(paths: Iterable[str | os.PathLike], exts=IMAGE_EXTS) -> Iterato
             yield p
 
 
-def to_tensor_batch(images: list[np.ndarray], device="cpu"):
-    """Stack same-size RGB uint8 images into a (B,3,H,W) float32 tensor on device, 0..255."""
+def to_tensor_batch(images: list[np.ndarray], device="cpu", dtype=None):
+    """Stack same-size RGB uint8 images into a (B,3,H,W) tensor on device, 0..255: float32, or
+    with dtype=torch.uint8 the 8-bit pixels themselves (4x less memory; the detectors take both)."""
     import torch
 
-    arr = torch.from_numpy(np.stack(images)).to(device)
-    return arr.permute(0, 3, 1, 2).float()
+    arr = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2)
+    return arr.to(torch.float32 if dtype is None else dtype)

@@ -42,12 +42,14 @@ def detect_batches(frames: Iterable[tuple[object, np.ndarray]], model: str = DEF
     boxes always come back in input pixels. Yields (key, image, Detections with image_index 0)
     in input order.
     """
+    import torch
+
     dev = resolve_device(device)
     net = cached_model(model, str(dev), None if weights_dir is None else str(weights_dir))
     pending: list[tuple[object, np.ndarray]] = []
 
     def flush():
-        batch = to_tensor_batch([im for _, im in pending], dev)
+        batch = to_tensor_batch([im for _, im in pending], dev, torch.uint8)
         dets = net.detect(batch, min_score=min_score, **size_kwargs(max_size)).to("cpu")
         for i, (key, im) in enumerate(pending):
             yield key, im, dets.for_image(i).shift_images(-i)
