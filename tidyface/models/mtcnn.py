@@ -289,9 +289,10 @@ class MTCNN(nn.Module):
         return square(apply_offsets(boxes[pick], offsets[pick], inclusive=False))
 
 
-def _chunked(net: nn.Module, x: Tensor, size: int = 512):
-    """Run a per-crop net in chunks of 512 (as upstream): bounded memory, and activations that
-    stay in cache (2048-crop chunks made batch 8 slower per frame than batch 1)."""
+def _chunked(net: nn.Module, x: Tensor, size: int = 64):
+    """Run a per-crop net in chunks of 64 crops. Per crop, on 2 CPU cores (benchmarks/RESULTS.md):
+    O-Net 190 us in chunks of 16-64 but 460 us in chunks of 256-512 (upstream's size), R-Net 29 us
+    at 64 vs 42 at 512: larger chunks' activations leave the cache and are page-faulted afresh."""
     if len(x) <= size:
         return net(x)
     outs = [net(x[i:i + size]) for i in range(0, len(x), size)]
