@@ -107,6 +107,22 @@ def test_regrouping_without_decoding(video2_run, mode):
     assert not (out / ".groups.part").exists()
 
 
+def test_deferred_embeddings_serve_other_hash_settings(video2_run):
+    """Faces the hash window links are embedded only if the hash pass keeps them; the others'
+    crops are stored, so regrouping with the hash pass off still embeds every face."""
+    out, summary, _ = video2_run
+    z = np.load(out / ".tidyface" / "video_01.npz")
+    deferred = z["crop_index"] >= 0
+    missing = np.isnan(z["embeddings"]).any(1)
+    assert deferred.sum() > 10 and missing.sum() > 0 and not (missing & ~deferred).any()
+    crops = np.fromfile(out / ".tidyface" / "video_01.crops", np.uint8).reshape(-1, 3, 112, 112)
+    assert len(crops) == deferred.sum()
+    video_to_faces(str(VIDEO2), out_dir=str(out), mode="grouping", group_mode="auto", hash_thr=-1)
+    got = rows(out)
+    assert len(got) == len(z["name"]) and not any(r["distance"] == "nan" for r in got)
+    assert sum(r["group"] == "duplicate" for r in got) < summary["duplicates"]
+
+
 def rows_groups(out):
     return [(r["file"], r["group"]) for r in rows(out) if r["group"] != "duplicate"]
 

@@ -213,6 +213,33 @@ def _check_threshold(thr, what: str) -> None:
 
 # ----------------------------------------------------------------------------- passes
 
+_POPCOUNT = getattr(int, "bit_count", None) or (lambda v: bin(v).count("1"))
+
+
+class HashWindow:
+    """Stage 1 of `hash_duplicates`, one face at a time, so a video can run it while decoding:
+    a face that stage 1 links is very likely a dropped duplicate (video2faces defers its
+    embedding until the whole pass has decided)."""
+
+    def __init__(self, thr: int, window: int = 5):
+        self.thr = thr
+        self.recent: deque = deque(maxlen=max(0, window))
+
+    def link(self, i: int, h: int) -> int:
+        """Face i with packed hash h (int64 or unsigned) -> the face it joins: the closest of the
+        last `window` unlinked faces within thr (ties: the most recent), or -1 after recording
+        it as unlinked."""
+        h &= 0xFFFFFFFFFFFFFFFF  # two's complement int64 -> the same 64 bits, non-negative
+        best_j, best_d = -1, self.thr
+        for j, hj in self.recent:  # oldest first, so `<=` lets the most recent win ties
+            d = _POPCOUNT(h ^ hj)
+            if d <= best_d:
+                best_j, best_d = j, d
+        if best_j < 0 and self.recent.maxlen:
+            self.recent.append((i, h))
+        return best_j
+
+
 def hash_duplicates(hashes, quality=None, thr: int = 5, window: int = 5,
                     block: int = DEFAULT_BLOCK) -> DedupResult:
     """Duplicates by Hamming distance <= thr between 64-bit average hashes.
@@ -232,25 +259,15 @@ def hash_duplicates(hashes, quality=None, thr: int = 5, window: int = 5,
     if thr == -1:
         return _disabled(n, "hash")
     packed = (bits.long().cpu() * torch.from_numpy(_BIT_WEIGHTS)).sum(1).numpy()
-    ints = packed.view(np.uint64).tolist()  # non-negative Python ints for XOR + popcount
-    popcount = getattr(int, "bit_count", None) or (lambda v: bin(v).count("1"))
     links_i, links_j, survivors = [], [], []
-    if window > 0:
-        recent: deque = deque(maxlen=window)
-        for i, h in enumerate(ints):
-            best_j, best_d = -1, thr
-            for j, hj in recent:  # oldest first, so `<=` lets the most recent win ties
-                d = popcount(h ^ hj)
-                if d <= best_d:
-                    best_j, best_d = j, d
-            if best_j >= 0:
-                links_i.append(i)
-                links_j.append(best_j)
-            else:
-                recent.append((i, h))
-                survivors.append(i)
-    else:
-        survivors = list(range(n))
+    stage1 = HashWindow(thr, window)
+    for i, h in enumerate(packed.tolist()):
+        j = stage1.link(i, h)
+        if j >= 0:
+            links_i.append(i)
+            links_j.append(j)
+        else:
+            survivors.append(i)
     labels = np.arange(n, dtype=np.int64)
     if links_i:
         labels = _merge(labels, np.asarray(links_i), np.asarray(links_j))

@@ -31,7 +31,7 @@ from ..ops.image import atomic_path, atomic_write_bytes, write_image
 from . import dedup as dd
 from . import grouping as gp
 from .common import cached_model, resolve_device, warn
-from .embed import embedding_dim, encode, encoder_faces, parse_area
+from .embed import embedding_dim, encode, encoder_faces, encoder_geometry, parse_area
 from .group import reference_embeddings, write_csv
 
 STATE = ".tidyface"
@@ -223,6 +223,9 @@ class Workspace:
     def table_path(self, key: str) -> Path:
         return self.state / f"video_{key}.npz"
 
+    def crops_path(self, key: str) -> Path:
+        return self.state / f"video_{key}.crops"
+
     def clear(self) -> None:
         for p in (self.state, self.faces, self.inter, self.out / "groups"):
             shutil.rmtree(p, ignore_errors=True)
@@ -239,7 +242,44 @@ def empty_table(dim: int) -> dict:
     return {"name": np.zeros(0, dtype="<U64"), "frame": np.zeros(0, np.int64), "face_index": np.zeros(0, np.int64),
             "boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
             "landmarks": np.zeros((0, 5, 2), np.float32), "embeddings": np.zeros((0, dim), np.float32),
-            "hash": np.zeros(0, np.int64), "quality": np.zeros(0, np.float64)}
+            "hash": np.zeros(0, np.int64), "quality": np.zeros(0, np.float64), "crop_index": np.zeros(0, np.int64)}
+
+
+class CropStore:
+    """The aligned 8-bit encoder crops of faces whose embedding is deferred (stage 1 of the hash
+    pass linked them: almost always dropped duplicates), in a raw file beside the video's table:
+    a later grouping with other settings can still embed them without decoding the video."""
+
+    def __init__(self, path: Path):
+        self.path, self.count, self._fh = path, 0, None
+
+    def add(self, crop: torch.Tensor) -> int:
+        if self._fh is None:
+            self._fh = open(self.path.with_name(self.path.name + ".part"), "wb")
+        self._fh.write(crop.cpu().contiguous().numpy().tobytes())
+        self.count += 1
+        return self.count - 1
+
+    def abandon(self) -> None:
+        """After a failure or Ctrl-C: no half-written file is left (no-op once finished)."""
+        if self._fh is not None:
+            self._fh.close()
+            Path(self._fh.name).unlink(missing_ok=True)
+            self._fh = None
+
+    def finish(self) -> None:
+        """Close and publish the file (before the table that points into it is saved)."""
+        if self._fh is not None:
+            self._fh.close()
+            os.replace(self._fh.name, self.path)
+            self._fh = None
+        elif self.path.exists():
+            self.path.unlink()  # a stale file of an interrupted earlier attempt
+
+    @staticmethod
+    def read(path: Path, index: np.ndarray, size: int) -> torch.Tensor:
+        crops = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, 3, size, size)
+        return torch.from_numpy(np.ascontiguousarray(crops[index]))
 
 
 # ----------------------------------------------------------------------------- detection stage
@@ -338,8 +378,12 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
     floor = min(s.det_min_score, 0.3)  # see near misses in rejects/frames logs
     pending = []
     futures = []
-    enc_queue: list[torch.Tensor] = []  # aligned crops waiting for the encoder
+    enc_queue: list[torch.Tensor] = []  # aligned 8-bit crops waiting for the encoder
     enc_rows: list[int] = []  # their rows in the table
+    # Faces that stage 1 of the hash pass links to a recent face are almost always dropped as
+    # duplicates: their embedding waits for the whole pass (end of the video), crops on disk.
+    stage1 = dd.HashWindow(s.hash_thr) if s.hash_thr != -1 else None
+    deferred = CropStore(ws.crops_path(key))
 
     def process(items):
         batch = [f for f, _, _ in items]
@@ -361,7 +405,7 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
                                for i in torch.unique(keep.image_index).tolist()])
             order = torch.argsort(keep.image_index, stable=True)
             keep = keep.select(order)  # rows now follow the crops: grouped by frame
-            enc_queue.append(crops)  # embedded in full batches of --enc-batch-size, see flush_encoder
+            # 8-bit, as stored for deferred faces: every face is embedded from the same pixels
             crops_u8 = crops.round().clamp(0, 255).to(torch.uint8)
             hashes = dd.average_hash(crops_u8).cpu()
             sharp = dd.sharpness(crops_u8).cpu()
@@ -385,9 +429,15 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
                 lm = keep.landmarks[n].cpu() + torch.tensor([ox, oy]) if keep.landmarks is not None \
                     else torch.full((5, 2), float("nan"))
                 table["landmarks"].append(lm.numpy())
-                enc_rows.append(len(table["embeddings"]))
+                row, h = len(table["embeddings"]), int(hashes[n])
                 table["embeddings"].append(None)
-                table["hash"].append(int(hashes[n]))
+                if stage1 is not None and stage1.link(row, h) >= 0:
+                    table["crop_index"].append(deferred.add(crops_u8[n]))
+                else:  # embedded in full batches of --enc-batch-size, see flush_encoder
+                    table["crop_index"].append(-1)
+                    enc_queue.append(crops_u8[n])
+                    enc_rows.append(row)
+                table["hash"].append(h)
                 table["quality"].append(float((bx[2] - bx[0]) * (bx[3] - bx[1]) * (sharp[n] + 1)))
             stats.faces += len(sel)
             rsel = torch.nonzero(all_img == i).flatten()
@@ -417,18 +467,34 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
                 img = draw_frame(f.image, fb, dets.scores[rsel].cpu(), bad[rsel].cpu())
                 futures.append(writer.submit(write_image, ws.inter / "frames" / f"{name_prefix}{f.index:06d}.jpg",
                                              img, 50))
-        if sum(len(c) for c in enc_queue) >= s.enc_batch_size:
+        if len(enc_queue) >= s.enc_batch_size:
             flush_encoder()
         bar.update(len(batch))
         bar.set_postfix(faces=stats.faces)
 
     def flush_encoder():
         if enc_queue:
-            emb = encode(enc, torch.cat(enc_queue), s.enc_batch_size).cpu().numpy()
+            emb = encode(enc, torch.stack(enc_queue).float(), s.enc_batch_size).cpu().numpy()
             for row, e in zip(enc_rows, emb):
                 table["embeddings"][row] = e
             enc_queue.clear()
             enc_rows.clear()
+
+    def embed_deferred_survivors():
+        """The video's hash pass, as grouping will run it: deferred faces it keeps are embedded
+        now; the dropped ones stay NaN (grouping embeds any it keeps under other settings)."""
+        crop_index = np.asarray(table["crop_index"], dtype=np.int64)
+        rows = np.flatnonzero(crop_index >= 0)
+        if len(rows):
+            r = dd.hash_duplicates(torch.tensor(table["hash"]), table["quality"], s.hash_thr)
+            rows = rows[r.keep[rows]]
+        if len(rows):
+            crops = CropStore.read(deferred.path, crop_index[rows], encoder_geometry(enc)[0])
+            for row, e in zip(rows.tolist(), encode(enc, crops.float(), s.enc_batch_size).cpu().numpy()):
+                table["embeddings"][row] = e
+        for i, e in enumerate(table["embeddings"]):
+            if e is None:
+                table["embeddings"][i] = np.full(dim, np.nan, np.float32)
 
     try:
         while True:
@@ -442,9 +508,12 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
         if pending:
             process(pending)
         flush_encoder()
+        deferred.finish()
+        embed_deferred_survivors()
         for fu in futures:
             fu.result()
     finally:
+        deferred.abandon()
         stop.set()
         bar.close()
         th.join(timeout=5)
@@ -502,16 +571,30 @@ def _warm_imports(group_mode: str) -> None:
     threading.Thread(target=run, daemon=True).start()
 
 
+def embed_missing(t: dict, rows_needed: np.ndarray, video_of_row: np.ndarray, crop_files: list[Path], enc,
+                  batch_size: int) -> None:
+    """Fill, in place, the embeddings of needed faces whose embedding detection deferred (NaN),
+    from their stored crops."""
+    missing = np.flatnonzero(rows_needed & np.isnan(t["embeddings"]).any(1))
+    size = encoder_geometry(enc)[0]
+    for v in np.unique(video_of_row[missing]).tolist():
+        rows = missing[video_of_row[missing] == v]
+        crops = CropStore.read(crop_files[v], t["crop_index"][rows], size)
+        t["embeddings"][rows] = encode(enc, crops.float(), batch_size).cpu().numpy()
+
+
 def group_stage(s: Settings, ws: Workspace, manifest: dict, device) -> dict:
     """Dedup and group every face recorded in the manifest; rebuild OUT/groups/."""
-    tables = []
+    tables, keys = [], []
     for key, v in manifest["videos"].items():
         if v.get("status") == "done" and ws.table_path(key).is_file():
             z = np.load(ws.table_path(key))
             tables.append({k: z[k] for k in z.files})
+            keys.append(key)
     if not tables:
         return {"faces": 0, "duplicates": 0, "groups": {}}
     t = {k: np.concatenate([x[k] for x in tables]) for k in tables[0]}
+    video_of_row = np.repeat(np.arange(len(keys)), [len(x["name"]) for x in tables])
     files = [str(f) for f in t["name"]]
     n = len(files)
     enc = cached_model(manifest["detection"]["enc_model"], str(device), s.weights_dir)
@@ -521,6 +604,7 @@ def group_stage(s: Settings, ws: Workspace, manifest: dict, device) -> dict:
         r = dd.hash_duplicates(torch.from_numpy(t["hash"]), t["quality"], s.hash_thr)
         keep &= r.keep
         dupe_logs[1] = dd.dedup_log_rows(r, files)
+    embed_missing(t, keep, video_of_row, [ws.crops_path(k) for k in keys], enc, s.enc_batch_size)
     if keep.any() and s.enc_dup_thr != -1:
         idx = np.flatnonzero(keep)
         r = dd.embedding_duplicates(torch.from_numpy(t["embeddings"][idx]), t["quality"][idx], s.enc_dup_thr)
