@@ -21,10 +21,15 @@ def resolve_device(device: str | None = None):
     return torch.device(device)
 
 
-@lru_cache(maxsize=8)
-def cached_model(name: str, device: str, weights_dir: str | None = None):
+def cached_model(name: str, device, weights_dir=None):
     """A model ready for inference, loaded once per process: weights loaded by name (strict),
     then BatchNorm folded into the convolutions."""
+    # one cache key however the arguments are spelled (lru_cache keys f(a, b) and f(a, b, None) apart)
+    return _load_for_inference(name, str(device), None if weights_dir is None else str(weights_dir))
+
+
+@lru_cache(maxsize=8)
+def _load_for_inference(name: str, device: str, weights_dir: str | None):
     import torch
 
     from ..ops.fuse import fuse_conv_bn
