@@ -169,7 +169,7 @@ class Commands:
                     video_reader: str = "opencv", det_model: str | None = None, det_batch_size: int = 4,
                     det_min_score: float = 0.4, det_min_size: int = 50, det_min_border: int = 5,
                     det_scale=(1.5, 1.5, 2.2, 1.2), det_square: bool = True, det_size: int | None = 640,
-                    hash_thr: int = 8, enc_model: str | None = None, enc_batch_size: int = 32, enc_area=None,
+                    hash_thr: int = 8, enc_model: str | None = None, enc_batch_size: int = 16, enc_area=None,
                     enc_dup_thr: float = 0.25, group_mode: str = "auto", clusters: str = "2-9",
                     clusters_save_all: bool = False, random_state: int = 0, ref_dir: str | None = None,
                     enc_oth_thr: float = -1, auto_thr: float | None = None, group_log: bool = False,
@@ -270,8 +270,10 @@ class Commands:
 def main() -> None:
     import fire
 
+    from .ops.memory import keep_freed_memory
     from .weights import WeightsError
 
+    keep_freed_memory()
     try:
         fire.Fire(Commands(), name="tidyface")
     except WeightsError as e:

@@ -71,7 +71,7 @@ class Settings:
     det_size: int | None = 640
     hash_thr: int = 8
     enc_model: str | None = None
-    enc_batch_size: int = 32
+    enc_batch_size: int = 16
     enc_area: tuple | None = None
     enc_dup_thr: float = 0.25
     group_mode: str = "auto"
