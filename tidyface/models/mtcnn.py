@@ -161,8 +161,9 @@ class SummedArea:
     Area resampling (F.interpolate(mode="area"), which facenet-pytorch uses for the pyramid and
     for every crop) averages the input pixels of each output cell. With a summed-area table each
     cell is four lookups, so the whole pyramid costs one pass over the frame instead of one per
-    level, and all boxes are cropped in one gather instead of one call per box. The table is
-    float64: its sums are exact for 8-bit images, so results equal F.interpolate's.
+    level, and all boxes are cropped in one gather instead of one call per box. Sums are exact
+    for 8-bit images, so results equal F.interpolate's: built in float64 (torch's int32 cumsum
+    is 2-3x slower), then kept as int32 for 8-bit frames (half the bytes to gather).
     """
 
     def __init__(self, image: Tensor):
@@ -170,7 +171,10 @@ class SummedArea:
         t = image.new_zeros((self.h + 1, self.w + 1, c), dtype=torch.float64)
         t[1:, 1:] = image.permute(1, 2, 0)
         torch.cumsum(t, 1, out=t)
-        self.table = torch.cumsum(t, 0, out=t)  # table[r, k] = sum of image[:, :r, :k]
+        torch.cumsum(t, 0, out=t)  # table[r, k] = sum of image[:, :r, :k]
+        if image.dtype == torch.uint8 and self.h * self.w * 255 < 2**31:
+            t = t.to(torch.int32)
+        self.table = t
 
     def resize(self, height: int, width: int) -> Tensor:
         """The frame resized to (1,3,height,width), channels-last float32."""
