@@ -168,8 +168,13 @@ class SummedArea:
 
     def __init__(self, image: Tensor):
         c, self.h, self.w = image.shape
-        t = image.new_zeros((self.h + 1, self.w + 1, c), dtype=torch.float64)
-        t[1:, 1:] = image.permute(1, 2, 0)
+        pixels = image.permute(1, 2, 0)
+        if image.device.type == "mps":  # no float64 there: integer sums of the rounded pixels
+            pixels = pixels.round() if pixels.is_floating_point() else pixels
+            t = image.new_zeros((self.h + 1, self.w + 1, c), dtype=torch.int64)
+        else:
+            t = image.new_zeros((self.h + 1, self.w + 1, c), dtype=torch.float64)
+        t[1:, 1:] = pixels
         torch.cumsum(t, 1, out=t)
         torch.cumsum(t, 0, out=t)  # table[r, k] = sum of image[:, :r, :k]
         if image.dtype == torch.uint8 and self.h * self.w * 255 < 2**31:
