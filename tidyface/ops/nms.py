@@ -49,8 +49,9 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, offset: float = 0.0
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     order = torch.argsort(scores, descending=True, stable=True)
-    # float64: products of float32 coordinates are exact, so ties are decided as on paper.
-    b = boxes[order].double()
+    # float64 (not on MPS, which lacks it): products of float32 coordinates are exact, so ties
+    # are decided as on paper.
+    b = boxes[order].to(torch.float32 if boxes.device.type == "mps" else torch.float64)
     keep = torch.zeros(len(b), dtype=torch.bool, device=b.device)
     for s in range(0, len(b), _BLOCK):
         block = b[s:s + _BLOCK]
