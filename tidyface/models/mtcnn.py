@@ -26,8 +26,7 @@ class PNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv1, self.prelu1 = nn.Conv2d(3, 10, 3), nn.PReLU(10)
-        self.pool1 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv1, self.prelu1 = nn.Conv2d(3, 10, 3), nn.PReLU(10)  # then MaxPool2d(2, 2, ceil_mode)
         self.conv2, self.prelu2 = nn.Conv2d(10, 16, 3), nn.PReLU(16)
         self.conv3, self.prelu3 = nn.Conv2d(16, 32, 3), nn.PReLU(32)
         self.face_logits = nn.Conv2d(32, 2, 1)
@@ -35,7 +34,7 @@ class PNet(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B,3,H,W) normalised -> face probability (B,h,w), box offsets (B,4,h,w)."""
-        x = max_pool_2x2(self.prelu1(self.conv1(x)))  # = self.pool1, faster
+        x = max_pool_2x2(self.prelu1(self.conv1(x)))
         x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
         # Both 1x1 heads in one convolution: one pass over the largest activation instead of two.
         w = torch.cat([self.face_logits.weight, self.box_offsets.weight])

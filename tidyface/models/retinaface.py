@@ -336,7 +336,7 @@ _CLIBDEV = "https://github.com/clibdev/Pytorch_Retinaface/releases/latest/downlo
 
 def _preprocess_info(backbone: str) -> dict:
     return {"colour": "BGR", "mean": list(BGR_MEAN), "std": None,
-            "input": "RGB float 0..255 (flipped to BGR)",
+            "input": "RGB 0..255, uint8 or float (flipped to BGR)",
             "max_size": DEFAULT_MAX_SIZE[backbone], "min_score": DEFAULT_MIN_SCORE,
             "nms_iou": DEFAULT_NMS_IOU, "pre_nms_top_k": PRE_NMS_TOP_K, "max_per_image": MAX_PER_IMAGE,
             "min_sizes": [list(s) for s in MIN_SIZES], "steps": list(STEPS), "variances": list(VARIANCES),

@@ -23,7 +23,8 @@ def resolve_device(device: str | None = None):
 
 def cached_model(name: str, device, weights_dir=None):
     """A model ready for inference, loaded once per process: weights loaded by name (strict),
-    then BatchNorm folded into the convolutions."""
+    then BatchNorm folded into the convolutions. device and weights_dir: str, torch.device or
+    Path, as given."""
     # one cache key however the arguments are spelled (lru_cache keys f(a, b) and f(a, b, None) apart)
     return _load_for_inference(name, str(device), None if weights_dir is None else str(weights_dir))
 

@@ -756,8 +756,7 @@ def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
             from .common import cached_model, resolve_device
 
             try:
-                cached_model(det_model, str(resolve_device(device)),
-                             None if weights_dir is None else str(weights_dir))
+                cached_model(det_model, resolve_device(device), weights_dir)
             except WeightsError as e:
                 raise CropError(str(e)) from None
         _prepare_output(out, overwrite)

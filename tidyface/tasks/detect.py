@@ -45,7 +45,7 @@ def detect_batches(frames: Iterable[tuple[object, np.ndarray]], model: str = DEF
     import torch
 
     dev = resolve_device(device)
-    net = cached_model(model, str(dev), None if weights_dir is None else str(weights_dir))
+    net = cached_model(model, dev, weights_dir)
     pending: list[tuple[object, np.ndarray]] = []
 
     def flush():

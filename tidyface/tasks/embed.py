@@ -112,7 +112,7 @@ def embed_images(items: Iterable[tuple[object, np.ndarray]], model: str = DEFAUL
     Yields (key, image, Faces, embeddings (N,D) tensor on CPU) per image, in input order.
     """
     dev = resolve_device(device)
-    enc = cached_model(model, str(dev), None if weights_dir is None else str(weights_dir))
+    enc = cached_model(model, dev, weights_dir)
     area = parse_area(enc_area)
     for key, img, det in detect_batches(items, det_model, min_score, dev, det_batch_size, weights_dir):
         if len(det) == 0:
@@ -128,7 +128,7 @@ def embed_crops(images: Sequence[np.ndarray], model: str = DEFAULT_ENCODER, devi
     """Embed face crops given as images (already cut around one face each): the enc_area of
     each (default the whole image) is resized to the encoder's input."""
     dev = resolve_device(device)
-    enc = cached_model(model, str(dev), None if weights_dir is None else str(weights_dir))
+    enc = cached_model(model, dev, weights_dir)
     size = encoder_geometry(enc)[0]
     area = parse_area(enc_area) or (0, 0, 1, 1)
     out = []

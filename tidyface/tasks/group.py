@@ -215,9 +215,9 @@ def run_group(path: str, out: str, mode: str = "auto", clusters="2-9", clusters_
     # weights first: a run that cannot get them must not leave a half-made output folder
     from .common import cached_model, resolve_device
 
-    dev, wdir = str(resolve_device(device)), None if weights_dir is None else str(weights_dir)
+    dev = resolve_device(device)
     for name in (model,) if cropped else (model, det_model):
-        cached_model(name, dev, wdir)
+        cached_model(name, dev, weights_dir)
     prepare_out(out, overwrite)
     stage = out / ".staging"
     stage.mkdir()
@@ -253,7 +253,7 @@ def run_group(path: str, out: str, mode: str = "auto", clusters="2-9", clusters_
             grouping = gp.cluster(e, clusters, random_state=random_state, save_all=clusters_save_all)
         elif mode == "auto":
             if auto_thr is None:
-                auto_thr = cached_model(model, dev, wdir).spec.preprocess.get("auto_threshold", gp.AUTO_THRESHOLD)
+                auto_thr = cached_model(model, dev, weights_dir).spec.preprocess.get("auto_threshold", gp.AUTO_THRESHOLD)
             grouping = gp.auto(e, auto_thr)
         else:
             ref_emb, ref_labels = reference_embeddings(Path(ref_dir), model, det_model, min_score, device,

@@ -430,7 +430,7 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
                     else torch.full((5, 2), float("nan"))
                 table["landmarks"].append(lm.numpy())
                 row, h = len(table["embeddings"]), int(hashes[n])
-                table["embeddings"].append(None)
+                table["embeddings"].append(np.full(dim, np.nan, np.float32))  # deferred faces stay NaN
                 if stage1 is not None and stage1.link(row, h) >= 0:
                     table["crop_index"].append(deferred.add(crops_u8[n]))
                 else:  # embedded in full batches of --enc-batch-size, see flush_encoder
@@ -480,22 +480,6 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
             enc_queue.clear()
             enc_rows.clear()
 
-    def embed_deferred_survivors():
-        """The video's hash pass, as grouping will run it: deferred faces it keeps are embedded
-        now; the dropped ones stay NaN (grouping embeds any it keeps under other settings)."""
-        crop_index = np.asarray(table["crop_index"], dtype=np.int64)
-        rows = np.flatnonzero(crop_index >= 0)
-        if len(rows):
-            r = dd.hash_duplicates(torch.tensor(table["hash"]), table["quality"], s.hash_thr)
-            rows = rows[r.keep[rows]]
-        if len(rows):
-            crops = CropStore.read(deferred.path, crop_index[rows], encoder_geometry(enc)[0])
-            for row, e in zip(rows.tolist(), encode(enc, crops.float(), s.enc_batch_size).cpu().numpy()):
-                table["embeddings"][row] = e
-        for i, e in enumerate(table["embeddings"]):
-            if e is None:
-                table["embeddings"][i] = np.full(dim, np.nan, np.float32)
-
     try:
         while True:
             f = q.get()
@@ -509,7 +493,6 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
             process(pending)
         flush_encoder()
         deferred.finish()
-        embed_deferred_survivors()
         for fu in futures:
             fu.result()
     finally:
@@ -523,11 +506,16 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
     if r is not None:
         stats.ended_early = bool(getattr(r, "ended_early", False))
         stats.error = str(getattr(r, "error", "") or "")
-    stats.seconds = time.time() - t0
     out = empty_table(dim)
     if table["name"]:
         out = {k: np.asarray(v) for k, v in table.items()}
         out["name"] = out["name"].astype(str)
+        if (out["crop_index"] >= 0).any():
+            # The video's hash pass, as grouping will run it: the deferred faces it keeps are
+            # embedded now; the dropped ones stay NaN (grouping embeds any it keeps otherwise).
+            kept = dd.hash_duplicates(torch.from_numpy(out["hash"]), out["quality"], s.hash_thr).keep
+            embed_missing(out, kept, np.zeros(len(kept), np.int64), [deferred.path], enc, s.enc_batch_size)
+    stats.seconds = time.time() - t0
     return out, rejects, stats
 
 
@@ -597,7 +585,7 @@ def group_stage(s: Settings, ws: Workspace, manifest: dict, device) -> dict:
     video_of_row = np.repeat(np.arange(len(keys)), [len(x["name"]) for x in tables])
     files = [str(f) for f in t["name"]]
     n = len(files)
-    enc = cached_model(manifest["detection"]["enc_model"], str(device), s.weights_dir)
+    enc = cached_model(manifest["detection"]["enc_model"], device, s.weights_dir)
     keep = np.ones(n, bool)
     dupe_logs = {}
     if n and s.hash_thr != -1:
@@ -702,8 +690,8 @@ def video_to_faces(input: str, **kw) -> dict:
         if man is None:
             man = {"version": 1, "detection": sig, "inputs": listing, "videos": {}}
         # weights before the first write: a run that cannot get them leaves no folder behind
-        det = cached_model(s.det_model, str(device), s.weights_dir)
-        enc = cached_model(s.enc_model, str(device), s.weights_dir)
+        det = cached_model(s.det_model, device, s.weights_dir)
+        enc = cached_model(s.enc_model, device, s.weights_dir)
         for d in (ws.faces, ws.state) + ((ws.inter / "frames",) if s.save_frames else ()) + \
                 ((ws.inter / "rejects",) if s.save_rejects else ()):
             d.mkdir(parents=True, exist_ok=True)
