@@ -18,6 +18,7 @@ import torch
 
 from conftest import MEDIA, need
 from tidyface.ops.nms import box_iou
+from tidyface.tasks.common import split_cpu_threads, torch_threads
 from tidyface.tasks.video2faces import Video2FacesError, video_to_faces
 
 VIDEO2 = MEDIA / "simplefr_video_with_identity_db/Video_2.mp4"
@@ -60,10 +61,28 @@ def video2_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("v2")
     out = tmp / "out"
     t = time.time()
+    threads = torch.get_num_threads()
     summary = video_to_faces(str(need(VIDEO2)), out_dir=str(out), group_mode="classify",
                              ref_dir=str(refs_dir(tmp)), enc_oth_thr=0.8, group_log=True)
+    assert torch.get_num_threads() == threads  # the run's decoder/model split is undone
     print(f"\nVideo_2 full run: {time.time() - t:.1f} s, {summary}")
     return out, summary, tmp
+
+
+def test_cpu_threads_are_split_between_decoder_and_models():
+    before = torch.get_num_threads()
+    try:
+        for total, split in ((1, (1, 1)), (2, (1, 1)), (5, (2, 3)), (16, (8, 8))):
+            torch.set_num_threads(total)
+            assert split_cpu_threads("cpu") == split
+            with torch_threads(split[1]):
+                assert torch.get_num_threads() == split[1]
+            assert torch.get_num_threads() == total
+        assert split_cpu_threads(torch.device("cuda", 0)) == (None, None)  # the decoder keeps its default
+        with torch_threads(None):
+            assert torch.get_num_threads() == total
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_classify_against_the_reference_faces(video2_run):

@@ -148,6 +148,20 @@ def test_opencv_and_pyav_agree_on_indices_and_pixels(videos, kind):
 
 
 @pytest.mark.parametrize("reader", READERS)
+def test_decoder_threads_change_no_frame(videos, reader):
+    path, _, _ = videos["mp4"]
+    with VideoReader(path, step=0.25, reader=reader) as r:
+        default = [(f.index, f.image) for f in r]
+    with VideoReader(path, step=0.25, reader=reader, threads=1) as r:
+        single = [(f.index, f.image) for f in r]
+    assert [i for i, _ in single] == [i for i, _ in default]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(single, default))
+    for bad in (0, -2, 1.5, "2"):
+        with pytest.raises(ValueError, match="threads must be a positive integer"):
+            VideoReader(path, reader=reader, threads=bad)
+
+
+@pytest.mark.parametrize("reader", READERS)
 def test_bad_arguments(videos, reader):
     path = videos["avi"][0]
     for step in (0, -1.0, float("nan"), "x"):

@@ -130,14 +130,15 @@ def probe(path: str | os.PathLike, reader: str = "opencv") -> VideoInfo:
 class _OpenCVSource:
     """cv2.VideoCapture on the FFmpeg backend (OpenCV applies rotation metadata itself)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, threads: int | None = None):
         import cv2
 
         self._cv2 = cv2
         self.path = path
         api = cv2.CAP_FFMPEG if cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG) else cv2.CAP_ANY
         # FFmpeg explicitly: CAP_ANY may treat a name with '%' as an image-sequence pattern.
-        self.cap = cv2.VideoCapture(str(path), api)
+        params = [cv2.CAP_PROP_N_THREADS, threads] if threads and hasattr(cv2, "CAP_PROP_N_THREADS") else []
+        self.cap = cv2.VideoCapture(str(path), api, params)
         if not self.cap.isOpened():
             self.close()
             raise _unreadable(path, "OpenCV")
@@ -181,7 +182,7 @@ class _OpenCVSource:
 class _PyAVSource:
     """PyAV (FFmpeg) decoding with frame threading; rotation applied to match OpenCV's output."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, threads: int | None = None):
         try:
             import av
         except ImportError:
@@ -199,6 +200,8 @@ class _PyAVSource:
             raise VideoReadError(f"{path}: has no video stream")
         stream = self.container.streams.video[0]
         stream.thread_type = "AUTO"
+        if threads:
+            stream.thread_count = threads
         self._decoded = self.container.decode(stream)
         self._count = 0
         self._first = self._next()
@@ -258,11 +261,13 @@ class _PyAVSource:
             c.close()
 
 
-def _open(path: Path, reader: str):
+def _open(path: Path, reader: str, threads: int | None = None):
     if reader not in READERS:
         raise ValueError(f"reader must be one of {', '.join(READERS)}, got {reader!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
     _check_file(path)
-    return _OpenCVSource(path) if reader == "opencv" else _PyAVSource(path)
+    return (_OpenCVSource if reader == "opencv" else _PyAVSource)(path, threads)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -353,7 +358,9 @@ class VideoReader:
     step: seconds between samples (> 0); fragment: (start_min, end_min) in minutes, end None or
     inf for "to the end", half-open [start, end); area: (x1, y1, x2, y2) in frame pixels, clipped
     to the frame: each Frame.image is that region only, and boxes found in it must be offset by
-    Frame.offset = (x1, y1) to be in frame pixels; reader: "opencv" or "pyav".
+    Frame.offset = (x1, y1) to be in frame pixels; reader: "opencv" or "pyav"; threads: the
+    decoder's threads (None: FFmpeg's choice, one per core; fewer leave cores to models that run
+    alongside, see video2faces).
 
     Frame i is taken when its presentation time reaches the next target (see _Selector). Reading
     stops right after the fragment's last target, without decoding the rest of the file. A
@@ -363,10 +370,11 @@ class VideoReader:
 
     def __init__(self, path: str | os.PathLike, step: float = 1.0,
                  fragment: tuple[float | None, float | None] | None = None,
-                 area: tuple[int, int, int, int] | None = None, reader: str = "opencv"):
+                 area: tuple[int, int, int, int] | None = None, reader: str = "opencv",
+                 threads: int | None = None):
         self.path = Path(path)
         step, start_s, end_s, self._area = _check_args(step, fragment, area)
-        self._src = _open(self.path, reader)
+        self._src = _open(self.path, reader, threads)
         self.info: VideoInfo = self._src.info
         if self._area is not None:
             # Against the stream's size now (fail before any decoding), against each frame later.

@@ -30,7 +30,7 @@ import torch
 from ..ops.image import atomic_path, atomic_write_bytes, write_image
 from . import dedup as dd
 from . import grouping as gp
-from .common import cached_model, resolve_device, warn
+from .common import cached_model, resolve_device, split_cpu_threads, torch_threads, warn
 from .embed import embedding_dim, encode, encoder_faces, encoder_geometry, parse_area
 from .group import reference_embeddings, write_csv
 
@@ -297,7 +297,8 @@ class VideoStats:
 
 def _prepare(f, det_size: int | None):
     """Work done on the reader thread, overlapping the models: the detector's shrunk copy
-    (cv2 INTER_LINEAR, as upstream RetinaFace resizes) and the full frame as a float tensor."""
+    (cv2 INTER_LINEAR, as upstream RetinaFace resizes) and a (3,H,W) view of the 8-bit frame (the
+    aligner converts only the pixels its crops read, see ops.align.warp)."""
     import cv2
 
     h, w = f.image.shape[:2]
@@ -305,17 +306,18 @@ def _prepare(f, det_size: int | None):
     if det_size and max(h, w) > det_size:
         s = det_size / max(h, w)
         small = cv2.resize(f.image, (round(w * s), round(h * s)), interpolation=cv2.INTER_LINEAR)
-    return f, small, torch.from_numpy(f.image).permute(2, 0, 1).float()
+    return f, small, torch.from_numpy(f.image).permute(2, 0, 1)
 
 
-def _reader_thread(path, s: Settings, q: queue.Queue, stop: threading.Event, box: dict):
+def _reader_thread(path, s: Settings, q: queue.Queue, stop: threading.Event, box: dict,
+                   threads: int | None):
     """Decode (and prepare) on a thread: OpenCV, PyAV and torch release the GIL, so decoding
     overlaps the models."""
     from ..ops.video import VideoReader
 
     try:
         with VideoReader(path, step=s.video_step, fragment=s.video_fragment, area=s.video_area,
-                         reader=s.video_reader) as r:
+                         reader=s.video_reader, threads=threads) as r:
             box["reader"] = r
             for f in r:
                 item = _prepare(f, s.det_size)
@@ -365,7 +367,8 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
     rejects: list[dict] = []
     q: queue.Queue = queue.Queue(maxsize=2 * s.det_batch_size + 2)
     stop, box = threading.Event(), {}
-    th = threading.Thread(target=_reader_thread, args=(path, s, q, stop, box), daemon=True)
+    decode_threads, model_threads = split_cpu_threads(dev)
+    th = threading.Thread(target=_reader_thread, args=(path, s, q, stop, box, decode_threads), daemon=True)
     th.start()
     expected = None
     if info.duration_s:
@@ -481,14 +484,15 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
             enc_rows.clear()
 
     try:
-        while True:
-            f = q.get()
-            if f is None:
-                break
-            pending.append(f)
-            if len(pending) >= s.det_batch_size:
-                process(pending)
-                pending = []
+        with torch_threads(model_threads):  # while the decoder runs beside the models
+            while True:
+                f = q.get()
+                if f is None:
+                    break
+                pending.append(f)
+                if len(pending) >= s.det_batch_size:
+                    process(pending)
+                    pending = []
         if pending:
             process(pending)
         flush_encoder()
