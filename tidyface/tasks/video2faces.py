@@ -30,7 +30,7 @@ import torch
 from ..ops.image import atomic_path, atomic_write_bytes, write_image
 from . import dedup as dd
 from . import grouping as gp
-from .common import cached_model, resolve_device, split_cpu_threads, torch_threads, warn
+from .common import cached_model, model_device, resolve_device, split_cpu_threads, torch_threads, warn
 from .embed import embedding_dim, encode, encoder_faces, encoder_geometry, parse_area
 from .group import reference_embeddings, write_csv
 
@@ -361,7 +361,7 @@ def detect_video(path: Path, key: str, name_prefix: str, s: Settings, ws: Worksp
     t0 = time.time()
     stats = VideoStats(str(path))
     info = probe(path)  # raises a one-line VideoReadError for unreadable files
-    dev = next(det.parameters()).device
+    dev = model_device(det)
     dim = embedding_dim(enc)
     table = {k: [] for k in empty_table(dim)}
     rejects: list[dict] = []
