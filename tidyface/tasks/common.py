@@ -51,7 +51,7 @@ def split_cpu_threads(device) -> tuple[int | None, int | None]:
 
     On CPU the two share the cores that torch may use, half each. Both at full width oversubscribe
     the cores, and an OpenMP team whose partner thread is descheduled by the decoder waits at every
-    barrier: on 2 cores a video2faces run of Video_2.mp4 took 3.4-3.6 s that way and 2.5-2.7 s
+    barrier: on 2 cores a video2faces run of Video_2.mp4 took 3.4-3.7 s that way and 2.5-2.7 s
     split 1 + 1. On a GPU the decoder keeps its default: (None, None)."""
     import torch
 
