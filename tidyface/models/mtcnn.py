@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..convert import load_torch_file, rename_keys
 from ..ops.nms import batched_nms, nms
+from ..ops.parallel import map_frames
 from ..registry import UpstreamFile, WeightSpec, register
 from ..types import Detections
 
@@ -244,9 +245,10 @@ class MTCNN(nn.Module):
         t1, t2, t3 = self.thresholds
         if min_score is not None:
             t3 = min_score
-        # Stages 1 and 2 one frame at a time: its summed-area table is built, read while it is
-        # in cache, and freed; stage 3 then runs on the 48x48 crops of all frames at once.
-        per_frame = [self._refine(SummedArea(image), t1, t2) for image in images]
+        # Stages 1 and 2 one frame at a time (on CPU, frames in parallel on worker threads): its
+        # summed-area table is built, read while it is in cache, and freed. Stage 3 then runs on
+        # the 48x48 crops of all frames at once.
+        per_frame = map_frames(lambda image: self._refine(image, t1, t2), list(images), images.device)
         boxes, crops = (torch.cat(t) for t in zip(*per_frame))
         counts = torch.tensor([len(b) for b, _ in per_frame], device=images.device)
         img_idx = torch.repeat_interleave(torch.arange(len(images), device=images.device), counts)
@@ -263,8 +265,10 @@ class MTCNN(nn.Module):
         pick = batched_nms(boxes, prob, img_idx, 0.7, offset=1, mode="min")
         return Detections(boxes[pick].float(), prob[pick].float(), points[pick].float(), img_idx[pick])
 
-    def _refine(self, areas: SummedArea, t1: float, t2: float) -> tuple[Tensor, Tensor]:
-        """Stages 1 and 2 on one frame -> squared boxes (N,4) for stage 3, their 48x48 crops."""
+    @torch.inference_mode()  # also on map_frames' worker threads
+    def _refine(self, image: Tensor, t1: float, t2: float) -> tuple[Tensor, Tensor]:
+        """Stages 1 and 2 on one frame (3,H,W) -> squared boxes (N,4) for stage 3, their 48x48 crops."""
+        areas = SummedArea(image)
         boxes = self._propose(areas, t1)
         crops, kept = areas.crops(boxes, 24)
         prob, offsets = _chunked(self.rnet, normalize_(crops))

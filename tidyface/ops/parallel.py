@@ -1,0 +1,70 @@
+"""Independent per-frame work spread over CPU threads, for models whose per-frame ops are too
+small to keep torch's own intra-op threads busy (MTCNN's cascade: ~2900 torch calls per frame)."""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Torch releases the GIL inside each op and holds it for the Python between ops: on 2 cores two
+# workers lost nothing to it (benchmarks/RESULTS.md), but more cores were not measured; the cap
+# keeps the share of time spent queueing for the GIL small where the cores are many.
+MAX_WORKERS = 4
+
+
+def worker_threads(n_items: int, device) -> tuple[int, ...]:
+    """torch threads of each worker for n_items on device: the cores torch may use, shared out
+    one worker per core up to MAX_WORKERS (spare cores go to the first workers). Empty where the
+    work should stay on the caller's thread: one item, one core, or not a CPU (a GPU queues the
+    kernels of one thread without waiting on them)."""
+    threads = torch.get_num_threads()
+    workers = min(n_items, threads, MAX_WORKERS)
+    if torch.device(device).type != "cpu" or workers < 2:
+        return ()
+    return tuple(threads // workers + (i < threads % workers) for i in range(workers))
+
+
+def map_frames(fn: Callable[[T], R], items: Sequence[T], device) -> list[R]:
+    """[fn(x) for x in items], in order; on CPU run by worker_threads() worker threads.
+
+    On 2 cores one MTCNN frame keeps torch's two threads busy only ~80% of the time (121 CPU-ms
+    on one thread; 74 ms wall, 147 CPU-ms on two); two frames at once on one thread each use
+    both cores. fn runs on a worker thread: thread-local state (grad or inference mode) is its own.
+    """
+    shares = worker_threads(len(items), device)
+    if not shares:
+        return [fn(x) for x in items]
+    threads = torch.get_num_threads()
+    try:
+        return list(_pool(shares).map(fn, items))
+    finally:
+        torch.set_num_threads(threads)  # a worker's setting also moved the process-wide default
+
+
+@functools.lru_cache(maxsize=1)
+def _pool(shares: tuple[int, ...]) -> ThreadPoolExecutor:
+    """One thread per share, kept between calls: each keeps its own OpenMP team (torch's thread
+    count is per thread) warm."""
+    share = iter(shares)
+    lock = threading.Lock()
+
+    def start():
+        with lock:
+            # get first: torch sets a thread's count on its first query, from the process-wide
+            # default that the other workers' set_num_threads move; after that it stays the
+            # thread's own.
+            torch.get_num_threads()
+            torch.set_num_threads(next(share))
+
+    return ThreadPoolExecutor(len(shares), thread_name_prefix="tidyface-frames", initializer=start)
+
+
+# A forked child inherits the pool but not its threads: it would wait on them forever.
+os.register_at_fork(after_in_child=_pool.cache_clear)
