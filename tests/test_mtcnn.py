@@ -70,3 +70,30 @@ def test_uint8_frames_give_the_float_result(nets):
     a = ours.detect(to_tensor_batch([img]))
     b = ours.detect(to_tensor_batch([img], dtype=torch.uint8))
     assert len(a) > 0 and torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
+
+
+def test_pnet_outputs_match_the_reference_net(nets):
+    """P-Net alone, on a channels-last input as the pyramid hands it: the face probability of
+    every cell, and the box offsets that offsets_at computes only at the cells asked for."""
+    ref, ours = nets
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 61, 87).mul(2).sub(1).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref_offsets, ref_prob = ref.pnet(x)
+        prob, features = ours.pnet(x)
+        image, row, col = (i.flatten() for i in torch.meshgrid(
+            *(torch.arange(n) for n in prob.shape), indexing="ij"))
+        offsets = ours.pnet.offsets_at(features, image, row, col)
+    assert (prob - ref_prob[:, 1]).abs().max() <= 1e-5
+    assert (offsets - ref_offsets.permute(0, 2, 3, 1).reshape(-1, 4)).abs().max() <= 1e-5
+
+
+def test_prelu_channels_last_is_prelu():
+    from tidyface.models.mtcnn import prelu_channels_last
+
+    torch.manual_seed(0)
+    weight = torch.randn(10)
+    for x in (torch.randn(2, 10, 7, 9).contiguous(memory_format=torch.channels_last), torch.randn(2, 10, 7, 9)):
+        y = prelu_channels_last(x, weight)
+        assert torch.equal(y, torch.nn.functional.prelu(x, weight))
+        assert y.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)

@@ -34,13 +34,16 @@ class PNet(nn.Module):
         self.box_offsets = nn.Conv2d(32, 4, 1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(B,3,H,W) normalised -> face probability (B,h,w), box offsets (B,4,h,w)."""
-        x = max_pool_2x2(self.prelu1(self.conv1(x)))
+        """(B,3,H,W) normalised -> face probability (B,h,w), features (B,32,h,w) for offsets_at."""
+        x = max_pool_2x2(prelu_channels_last(self.conv1(x), self.prelu1.weight))
         x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
-        # Both 1x1 heads in one convolution: one pass over the largest activation instead of two.
-        w = torch.cat([self.face_logits.weight, self.box_offsets.weight])
-        out = F.conv2d(x, w, torch.cat([self.face_logits.bias, self.box_offsets.bias]))
-        return out[:, :2].softmax(1)[:, 1], out[:, 2:]
+        return self.face_logits(x).softmax(1)[:, 1], x
+
+    def offsets_at(self, features: Tensor, image: Tensor, row: Tensor, col: Tensor) -> Tensor:
+        """Box offsets (N,4) of the given cells. The offsets head runs only where the face head
+        found a candidate (a few hundred of a level's ~80k cells): as a 1x1 convolution over
+        every cell it cost 1.3 ms of P-Net's 21 at level 0 of a 720p frame, one thread."""
+        return F.linear(features[image, :, row, col], self.box_offsets.weight.flatten(1), self.box_offsets.bias)
 
 
 class RNet(nn.Module):
@@ -98,6 +101,17 @@ class ONet(nn.Module):
 def normalize_(x: Tensor) -> Tensor:
     """RGB 0..255 -> the [-1, 1] range the nets were trained on, in place."""
     return x.sub_(127.5).mul_(0.0078125)
+
+
+def prelu_channels_last(x: Tensor, weight: Tensor) -> Tensor:
+    """F.prelu(x, weight), exactly, for a channels-last (N,C,H,W) x, run over rows of W*C values
+    with the weight tiled: on the 4-d tensor torch runs a scalar loop over an innermost C=10
+    (P-Net's conv1 at level 0 of a 720p frame, one thread: 3.4 ms; over rows: 1.1 ms)."""
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return F.prelu(x, weight)
+    n, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(n * h, w * c)
+    return F.prelu(rows, weight.repeat(w)).view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def max_pool_2x2(x: Tensor) -> Tensor:
@@ -285,12 +299,12 @@ class MTCNN(nn.Module):
         per_scale = []
         h, w, dev = areas.h, areas.w, areas.table.device
         for scale in pyramid_scales(h, w, self.min_face_size, self.factor):
-            prob, offsets = self.pnet(normalize_(areas.resize(int(h * scale + 1), int(w * scale + 1))))
-            _, row, col = torch.nonzero(prob >= threshold, as_tuple=True)
-            score = prob[0, row, col]
+            prob, features = self.pnet(normalize_(areas.resize(int(h * scale + 1), int(w * scale + 1))))
+            image, row, col = torch.nonzero(prob >= threshold, as_tuple=True)
+            score = prob[image, row, col]
             cell = torch.stack([col, row], 1).float()
             boxes = torch.cat([((2 * cell + 1) / scale).floor(), ((2 * cell + 12) / scale).floor()], 1)
-            offs = offsets[0].permute(1, 2, 0)[row, col]
+            offs = self.pnet.offsets_at(features, image, row, col)
             pick = nms(boxes, score, 0.5)
             per_scale.append((boxes[pick], score[pick], offs[pick]))
         if not per_scale:  # frame smaller than P-Net's window
