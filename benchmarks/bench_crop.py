@@ -13,19 +13,13 @@ best of --repeat runs (the machine is shared), in crops per second.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("TIDYFACE_SHARED", ROOT.parent / "shared"))
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TIDYFACE_MIRROR", str(SHARED / "weights"))
+from _paths import SHARED
 
 from tidyface.ops.align import template_for, umeyama  # noqa: E402
 from tidyface.ops.image import read_image  # noqa: E402

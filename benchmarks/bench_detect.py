@@ -9,24 +9,18 @@ the lower of --rounds interleaved rounds.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("TIDYFACE_SHARED", ROOT.parent / "shared"))
-sys.path.insert(0, str(ROOT / "tests"))
-os.environ.setdefault("TIDYFACE_MIRROR", str(SHARED / "weights"))
+from _paths import VIDEO
 
 
 def read_frames(n: int) -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(SHARED / "media/simplefr_video_with_identity_db/Video_2.mp4"))
+    cap = cv2.VideoCapture(str(VIDEO))
     fps = cap.get(cv2.CAP_PROP_FPS)
     frames, i = [], 0
     while len(frames) < n:

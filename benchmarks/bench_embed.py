@@ -6,19 +6,13 @@ InceptionResnetV1 (same converted weights), and MobileFaceNet.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("TIDYFACE_SHARED", ROOT.parent / "shared"))
-sys.path.insert(0, str(ROOT / "tests"))
-os.environ.setdefault("TIDYFACE_MIRROR", str(SHARED / "weights"))
+from _paths import SHARED
 
 
 def faces_per_s(fn, x, rounds):

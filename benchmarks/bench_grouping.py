@@ -26,7 +26,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _paths import ROOT
 STEPS = ("dedup", "auto", "cluster", "classify")
 IDENTITIES, DIM, CLUSTERS = 200, 512, "190,200,210"
 

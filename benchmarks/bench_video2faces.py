@@ -9,18 +9,13 @@ the same process, right before and right after each run: the mean); the target i
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("TIDYFACE_SHARED", ROOT.parent / "shared"))
-os.environ.setdefault("TIDYFACE_MIRROR", str(SHARED / "weights"))
-VIDEO = SHARED / "media/simplefr_video_with_identity_db/Video_2.mp4"
+from _paths import VIDEO
 
 
 def main():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -19,10 +18,7 @@ import numpy as np
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("TIDYFACE_SHARED", ROOT.parent / "shared"))
-os.environ.setdefault("TIDYFACE_MIRROR", str(SHARED / "weights"))
-VIDEO = SHARED / "media/simplefr_video_with_identity_db/Video_2.mp4"
+from _paths import ROOT, VIDEO
 
 
 def main():
@@ -32,11 +28,17 @@ def main():
     args = ap.parse_args()
     from tidyface.ops.nms import box_iou
     from tidyface.tasks import grouping as gp
-    from tidyface.tasks.video2faces import video_to_faces
+    from tidyface.tasks.common import cached_model
+    from tidyface.tasks.video2faces import Workspace, embed_missing, video_to_faces
 
     with tempfile.TemporaryDirectory() as out:
         video_to_faces(str(VIDEO), out_dir=out, mode="detection", enc_model=args.enc_model)
-        z = np.load(Path(out) / ".tidyface/video_01.npz")
+        ws = Workspace(Path(out))
+        z = dict(np.load(ws.table_path("01")))
+        # Detection defers the embeddings of faces it may drop as duplicates (NaN): embed them all.
+        n = len(z["frame"])
+        embed_missing(z, np.ones(n, bool), np.zeros(n, int), [ws.crops_path("01")],
+                      cached_model(args.enc_model, "cpu"), 16)
     truth = list(csv.DictReader(l for l in open(ROOT / "tests/data/video2_faces_truth.csv") if not l.startswith("#")))
     label = {}
     for t in truth:
