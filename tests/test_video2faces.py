@@ -18,7 +18,7 @@ import torch
 
 from conftest import MEDIA, need
 from tidyface.ops.nms import box_iou
-from tidyface.tasks.common import split_cpu_threads, torch_threads
+from tidyface.ops.parallel import split_cpu_threads, torch_threads
 from tidyface.tasks.video2faces import Video2FacesError, video_to_faces
 
 VIDEO2 = MEDIA / "simplefr_video_with_identity_db/Video_2.mp4"

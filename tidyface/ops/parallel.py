@@ -1,11 +1,13 @@
-"""Independent per-frame work spread over CPU threads, for models whose per-frame ops are too
-small to keep torch's own intra-op threads busy (MTCNN's cascade: ~2900 torch calls per frame)."""
+"""How tidyface shares the CPU threads torch may use: between a video decoder and the models, and
+between frames whose ops are too small to keep torch's own intra-op threads busy (MTCNN's
+cascade: ~2900 torch calls per frame)."""
 from __future__ import annotations
 
 import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Callable, Sequence, TypeVar
 
 import torch
@@ -17,6 +19,33 @@ R = TypeVar("R")
 # workers lost nothing to it (benchmarks/RESULTS.md), but more cores were not measured; the cap
 # keeps the share of time spent queueing for the GIL small where the cores are many.
 MAX_WORKERS = 4
+
+
+def split_cpu_threads(device) -> tuple[int | None, int | None]:
+    """(decoder threads, torch threads) for decoding video while models run on `device`.
+
+    On CPU the two share the cores that torch may use, half each. Both at full width oversubscribe
+    the cores, and an OpenMP team whose partner thread is descheduled by the decoder waits at every
+    barrier: on 2 cores a video2faces run of Video_2.mp4 took 3.4-3.7 s that way and 2.5-2.7 s
+    split 1 + 1. On a GPU the decoder keeps its default: (None, None)."""
+    if torch.device(device).type != "cpu":
+        return None, None
+    total = torch.get_num_threads()
+    decode = max(1, total // 2)
+    return decode, max(1, total - decode)
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to n inside the block (None: unchanged), restored after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(before)
 
 
 def worker_threads(n_items: int, device) -> tuple[int, ...]:
@@ -41,11 +70,9 @@ def map_frames(fn: Callable[[T], R], items: Sequence[T], device) -> list[R]:
     shares = worker_threads(len(items), device)
     if not shares:
         return [fn(x) for x in items]
-    threads = torch.get_num_threads()
-    try:
+    # Restored after, not changed: a worker's set_num_threads also moves the process-wide default.
+    with torch_threads(torch.get_num_threads()):
         return list(_pool(shares).map(fn, items))
-    finally:
-        torch.set_num_threads(threads)  # a worker's setting also moved the process-wide default
 
 
 @functools.lru_cache(maxsize=1)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -44,37 +43,6 @@ def _load_for_inference(name: str, device: str, weights_dir: str | None):
 
 def model_device(model):
     return next(model.parameters()).device
-
-
-def split_cpu_threads(device) -> tuple[int | None, int | None]:
-    """(decoder threads, torch threads) for decoding video while models run on `device`.
-
-    On CPU the two share the cores that torch may use, half each. Both at full width oversubscribe
-    the cores, and an OpenMP team whose partner thread is descheduled by the decoder waits at every
-    barrier: on 2 cores a video2faces run of Video_2.mp4 took 3.4-3.7 s that way and 2.5-2.7 s
-    split 1 + 1. On a GPU the decoder keeps its default: (None, None)."""
-    import torch
-
-    if torch.device(device).type != "cpu":
-        return None, None
-    total = torch.get_num_threads()
-    decode = max(1, total // 2)
-    return decode, max(1, total - decode)
-
-
-@contextmanager
-def torch_threads(n: int | None):
-    """torch's intra-op threads set to n inside the block (None: unchanged), restored after."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n:
-            torch.set_num_threads(before)
 
 
 def warn(msg: str) -> None:

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from ..ops.image import atomic_path, atomic_write_bytes, write_image
+from ..ops.parallel import split_cpu_threads, torch_threads
 from . import dedup as dd
 from . import grouping as gp
-from .common import cached_model, model_device, resolve_device, split_cpu_threads, torch_threads, warn
+from .common import cached_model, model_device, resolve_device, warn
 from .embed import embedding_dim, encode, encoder_faces, encoder_geometry, parse_area
 from .group import reference_embeddings, write_csv
 
