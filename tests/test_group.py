@@ -58,7 +58,7 @@ def test_knn_and_bigbang_unsupervised(tmp_path, mode, encoder):
                              ("bigbang", bigbang_photos(tmp_path), truth_bigbang)):
         floor = FLOORS[name, mode]
         out = tmp_path / f"{name}-{mode}"
-        run_group(str(src), str(out), mode=mode, model=encoder, group_log=True)
+        run_group(str(src), str(out), mode=mode, enc_model=encoder, group_log=True)
         rs = rows(out)
         score = ari(rs, truth)
         groups = sorted({r["group"] for r in rs})

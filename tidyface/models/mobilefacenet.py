@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..convert import check_complete, load_torch_file, rename_keys
-from ..registry import UpstreamFile, WeightSpec, register
+from ..registry import ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
+from .base import Encoder
 
 INPUT_SIZE = 112
 EMBEDDING_DIM = 128
@@ -97,7 +98,7 @@ class EmbeddingHead(nn.Module):
         return self.bn(self.conv(x)).flatten(1)
 
 
-class MobileFaceNet(nn.Module):
+class MobileFaceNet(nn.Module, Encoder):
     """(B,3,112,112) normalised RGB (see `preprocess`) -> (B,128) L2-normalised embeddings."""
 
     def __init__(self, embedding_dim: int = EMBEDDING_DIM):
@@ -176,13 +177,13 @@ register(
                              "mobilefacenet.pt",)),),
         license="Apache-2.0", origin="foamliu/MobileFaceNet",
         converter=convert_foamliu,
-        preprocess={"input_size": INPUT_SIZE, "colour": "RGB", "mean": MEAN, "std": STD,
-                    "scale": "x/255 then (x-mean)/std", "template": "arcface",
-                    "embedding_dim": EMBEDDING_DIM,
-                    # deepface's 300 pairs put it between 0.54 (farthest same-person pair) and
-                    # 0.60 (closest different pair); video faces are farther apart, and on the
-                    # labelled Video_2 faces ARI peaks at 0.65-0.70 (0.77; 0.54 at 0.60)
-                    "auto_threshold": 0.65},
+        meta=ModelMeta(input_size=(INPUT_SIZE, INPUT_SIZE), mean=tuple(255 * m for m in MEAN),
+                       std=tuple(255 * v for v in STD), template="arcface", embedding_dim=EMBEDDING_DIM,
+                       num_params=999_936),
+        # deepface's 300 pairs put it between 0.54 (farthest same-person pair) and 0.60
+        # (closest different pair); video faces are farther apart, and on the labelled Video_2
+        # faces ARI peaks at 0.65-0.70 (0.77; 0.54 at 0.60)
+        defaults=TaskDefaults(group_threshold=0.65),
         description="MobileFaceNet (foamliu, MS1M subset), 128-d embeddings of 112x112 ArcFace crops",
     ),
     MobileFaceNet,

@@ -18,12 +18,15 @@ from torch import Tensor, nn
 from ..convert import load_torch_file, rename_keys
 from ..ops.nms import batched_nms, nms
 from ..ops.parallel import map_frames
-from ..registry import UpstreamFile, WeightSpec, register
+from ..registry import FIVE_POINTS, ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
 from ..types import Detections
+from .base import Detector
 
 
 class PNet(nn.Module):
     """Proposal net: fully convolutional, 12x12 receptive field, stride 2."""
+
+    onnx_outputs = ("prob", "features")
 
     def __init__(self):
         super().__init__()
@@ -49,6 +52,8 @@ class PNet(nn.Module):
 class RNet(nn.Module):
     """Refinement net on 24x24 crops."""
 
+    onnx_outputs = ("prob", "offsets")
+
     def __init__(self):
         super().__init__()
         self.conv1, self.prelu1 = nn.Conv2d(3, 28, 3), nn.PReLU(28)
@@ -72,6 +77,8 @@ class RNet(nn.Module):
 
 class ONet(nn.Module):
     """Output net on 48x48 crops: score, box offsets and 5 landmarks."""
+
+    onnx_outputs = ("prob", "offsets", "landmarks")
 
     def __init__(self):
         super().__init__()
@@ -103,11 +110,17 @@ def normalize_(x: Tensor) -> Tensor:
     return x.sub_(127.5).mul_(0.0078125)
 
 
+def _tracing() -> bool:
+    """Whether torch.onnx or torch.jit is tracing: a trace would freeze the shape and layout
+    branches of the fast paths below, so while tracing they give way to the plain ops."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def prelu_channels_last(x: Tensor, weight: Tensor) -> Tensor:
     """F.prelu(x, weight), exactly, for a channels-last (N,C,H,W) x, run over rows of W*C values
     with the weight tiled: on the 4-d tensor torch runs a scalar loop over an innermost C=10
     (P-Net's conv1 at level 0 of a 720p frame, one thread: 3.4 ms; over rows: 0.9-1.1 ms)."""
-    if not x.is_contiguous(memory_format=torch.channels_last):
+    if _tracing() or not x.is_contiguous(memory_format=torch.channels_last):
         return F.prelu(x, weight)
     n, c, h, w = x.shape
     rows = x.permute(0, 2, 3, 1).reshape(n * h, w * c)
@@ -117,6 +130,8 @@ def prelu_channels_last(x: Tensor, weight: Tensor) -> Tensor:
 def max_pool_2x2(x: Tensor) -> Tensor:
     """MaxPool2d(2, 2, ceil_mode=True) as two strided maxima: exact, and 3-4x faster than the
     pooling kernel on CPU (which also writes an index per output)."""
+    if _tracing():
+        return F.max_pool2d(x, 2, 2, ceil_mode=True)
     h, w = x.shape[2:]
     y = torch.maximum(x[:, :, 0:h - 1:2], x[:, :, 1:h:2])
     if h % 2:
@@ -230,7 +245,7 @@ def _average(sums: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return out.permute(0, 3, 1, 2)
 
 
-class MTCNN(nn.Module):
+class MTCNN(nn.Module, Detector):
     """The three nets; `detect` runs the cascade on a batch of same-size frames."""
 
     def __init__(self, min_face_size: float = 20, thresholds=(0.6, 0.7, 0.7), factor: float = 0.709):
@@ -241,18 +256,26 @@ class MTCNN(nn.Module):
     def forward(self, x: Tensor):  # the cascade is not one forward; see detect()
         raise NotImplementedError("MTCNN is a cascade: call detect(images)")
 
+    def export_graphs(self) -> dict[str, tuple[nn.Module, Tensor]]:
+        """The three nets, the forward graphs of the cascade, at their input sizes."""
+        return {"pnet": (self.pnet, torch.randn(2, 3, 64, 80)), "rnet": (self.rnet, torch.randn(4, 3, 24, 24)),
+                "onet": (self.onet, torch.randn(4, 3, 48, 48))}
+
     @torch.inference_mode()
-    def detect(self, images: Tensor, min_score: float | None = None, max_size: int | None = None) -> Detections:
+    def detect(self, images: Tensor, *, min_score: float | None = None,
+               max_size: int | None = None) -> Detections:
         """images (B,3,H,W) RGB 0..255 (uint8, or float) on the model's device -> Detections.
 
-        max_size: run on a copy shrunk (area averaging) so its longer side is at most this,
-        for speed; boxes and landmarks still come back in input pixels. Default: full size.
+        min_score: O-Net's threshold (default 0.7). max_size: run on a copy shrunk (area
+        averaging) so its longer side is at most this, for speed; boxes and landmarks still come
+        back in input pixels. Default (None or 0): full size, where the pyramid already sets
+        the smallest face (20 px).
         """
         h, w = images.shape[2:]
-        if max_size is not None and max(h, w) > max_size:
+        if max_size and max(h, w) > max_size:
             s = max_size / max(h, w)
             small = F.interpolate(images.float(), size=(round(h * s), round(w * s)), mode="area")
-            d = self.detect(small, min_score)
+            d = self.detect(small, min_score=min_score)
             sx, sy = w / small.shape[3], h / small.shape[2]
             scale = torch.tensor([sx, sy, sx, sy], device=images.device)
             return Detections(d.boxes * scale, d.scores, d.landmarks * scale[:2], d.image_index)
@@ -359,8 +382,10 @@ register(
         license="MIT",
         origin="timesler/facenet-pytorch (weights from kpzhang93/MTCNN_face_detection_alignment)",
         converter=convert_facenet_pytorch,
-        preprocess={"colour": "RGB", "normalize": "(x-127.5)/128", "min_face_size": 20,
-                    "thresholds": [0.6, 0.7, 0.7], "factor": 0.709, "input": "full resolution"},
+        meta=ModelMeta(mean=(127.5,) * 3, std=(128.0,) * 3, num_landmarks=5, landmark_markup=FIVE_POINTS,
+                       num_params=495_850),
+        # min_score is O-Net's threshold (P-Net 0.6 and R-Net 0.7 stay); NMS is the cascade's own
+        defaults=TaskDefaults(min_score=0.7, max_size=None),
         description="MTCNN P/R/O-Net cascade, boxes + 5 landmarks",
     ),
     MTCNN,

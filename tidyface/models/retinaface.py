@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,8 +18,9 @@ from torch import Tensor, nn
 from ..convert import load_torch_file, rename_keys
 from ..ops.nms import batched_nms
 from ..ops.priors import decode_boxes, decode_landmarks, prior_boxes
-from ..registry import UpstreamFile, WeightSpec, register
+from ..registry import FIVE_POINTS, ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
 from ..types import Detections
+from .base import Detector, PreparedImage
 
 MIN_SIZES = ((16, 32), (64, 128), (256, 512))  # anchor sides in input pixels, per level
 STEPS = (8, 16, 32)  # stride of each level
@@ -37,9 +39,6 @@ MAX_PER_IMAGE = 750  # upstream detect.py --keep_top_k
 # full-size detections on 39 mixed photos remain (the rest: faces under ~40 px or scored < 0.8) and
 # scores can shift (dogs.jpg: 0.97 -> 0.52), so callers that want speed (video) pass max_size.
 DEFAULT_MAX_SIZE = {"mobilenet0.25": 1280, "resnet50": 1280}
-
-_UNSET = object()
-
 
 class ConvBNAct(nn.Sequential):
     """Conv (no bias) + BatchNorm + optional (leaky) ReLU; leaky=None means no activation."""
@@ -177,13 +176,14 @@ def _flatten_head(t: Tensor, per_anchor: int) -> Tensor:
     return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1, per_anchor)
 
 
-class RetinaFace(nn.Module):
+class RetinaFace(nn.Module, Detector):
     """forward: (B,3,H,W) preprocessed -> loc (B,P,4) box regressions, logits (B,P,2) raw class
     scores (background, face; softmax gives upstream's test-phase output), landmarks (B,P,10)
     regressions; P = sum over levels of ceil(H/s)*ceil(W/s)*2. `detect` runs the whole pipeline."""
 
-    def __init__(self, backbone: str = "mobilenet0.25", max_size: int | None = _UNSET,
-                 min_score: float = DEFAULT_MIN_SCORE, nms_iou: float = DEFAULT_NMS_IOU):
+    onnx_outputs = ("loc", "logits", "landmarks")
+
+    def __init__(self, backbone: str = "mobilenet0.25"):
         super().__init__()
         if backbone == "mobilenet0.25":
             self.body, width = MobileNetV1Body(), 64
@@ -192,9 +192,6 @@ class RetinaFace(nn.Module):
         else:
             raise ValueError(f"backbone must be 'mobilenet0.25' or 'resnet50', not {backbone!r}")
         self.backbone = backbone
-        # Detection settings, plain attributes so callers can change them on a loaded model.
-        self.max_size = DEFAULT_MAX_SIZE[backbone] if max_size is _UNSET else max_size
-        self.min_score, self.nms_iou = min_score, nms_iou
         leaky = 0.1 if width <= 64 else 0.0  # upstream: leaky slope 0.1 only in the narrow variant
         self.fpn = FPN(self.body.channels, width, leaky)
         self.ssh = nn.ModuleList(SSH(width, width, leaky) for _ in STEPS)
@@ -210,15 +207,16 @@ class RetinaFace(nn.Module):
         return loc, logits, landmarks
 
     @torch.no_grad()
-    def detect(self, images: Tensor, min_score: float | None = None, max_size=_UNSET) -> Detections:
+    def detect(self, images: Tensor, *, min_score: float | None = None,
+               max_size: int | None = None) -> Detections:
         """images (B,3,H,W) RGB 0..255 (uint8 or float) on the model's device -> Detections in
         input pixels.
 
-        min_score defaults to self.min_score (0.5), max_size to self.max_size (longer side of the
-        network input; None = full resolution). On CPU the batch runs in forwards of at most
-        about a megapixel: bigger ones are slower per frame (their activations leave the cache;
-        720p, 2 cores: 61 ms/frame one at a time, 83 in a batch of 8)."""
-        size = self.max_size if max_size is _UNSET else max_size
+        min_score: default 0.5; max_size: the longer side of the network input, default 1280
+        (0: full resolution). On CPU the batch runs in forwards of at most about a megapixel:
+        bigger ones are slower per frame (their activations leave the cache; 720p, 2 cores:
+        61 ms/frame one at a time, 83 in a batch of 8)."""
+        size = self._cap(max_size)
         h, w = network_size(images.shape[-2:], size)
         cpu = images.device.type == "cpu"
         per_forward = max(1, CPU_PIXELS_PER_FORWARD // (h * w)) if cpu else max(1, len(images))
@@ -230,7 +228,23 @@ class RetinaFace(nn.Module):
             outs.append(self(x))
         loc, logits, landmarks = (torch.cat(t) for t in zip(*outs))
         return postprocess(loc, logits, landmarks, (h, w), images.shape[-2:],
-                           self.min_score if min_score is None else min_score, self.nms_iou)
+                           DEFAULT_MIN_SCORE if min_score is None else min_score, DEFAULT_NMS_IOU)
+
+    def prepare(self, image: np.ndarray, max_size: int | None = None) -> PreparedImage:
+        """The image shrunk to the network size with cv2's INTER_LINEAR, as upstream resizes."""
+        import cv2
+
+        h, w = image.shape[:2]
+        nh, nw = network_size((h, w), self._cap(max_size))
+        if (nh, nw) == (h, w):
+            return PreparedImage(image)
+        small = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+        return PreparedImage(small, (w / nw, h / nh))
+
+    def _cap(self, max_size: int | None) -> int | None:
+        if max_size is None:
+            return DEFAULT_MAX_SIZE[self.backbone]
+        return None if int(max_size) == 0 else int(max_size)
 
 
 CPU_PIXELS_PER_FORWARD = 1_000_000
@@ -334,13 +348,14 @@ _FACEXLIB = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/"
 _CLIBDEV = "https://github.com/clibdev/Pytorch_Retinaface/releases/latest/download/"
 
 
-def _preprocess_info(backbone: str) -> dict:
-    return {"colour": "BGR", "mean": list(BGR_MEAN), "std": None,
-            "input": "RGB 0..255, uint8 or float (flipped to BGR)",
-            "max_size": DEFAULT_MAX_SIZE[backbone], "min_score": DEFAULT_MIN_SCORE,
-            "nms_iou": DEFAULT_NMS_IOU, "pre_nms_top_k": PRE_NMS_TOP_K, "max_per_image": MAX_PER_IMAGE,
-            "min_sizes": [list(s) for s in MIN_SIZES], "steps": list(STEPS), "variances": list(VARIANCES),
-            "landmarks": "left eye, right eye, nose, left mouth corner, right mouth corner (as seen)"}
+def _meta(num_params: int) -> ModelMeta:
+    return ModelMeta(colour="BGR", mean=BGR_MEAN, num_landmarks=5, landmark_markup=FIVE_POINTS,
+                     num_params=num_params)
+
+
+def _defaults(backbone: str) -> TaskDefaults:
+    return TaskDefaults(min_score=DEFAULT_MIN_SCORE, nms_iou=DEFAULT_NMS_IOU,
+                        max_size=DEFAULT_MAX_SIZE[backbone])
 
 
 # The facexlib and clibdev release files are byte-identical copies of biubug6's Google Drive files
@@ -356,7 +371,7 @@ register(
         license="MIT",
         origin="biubug6/Pytorch_Retinaface",
         converter=_converter("mobilenet0.25_Final.pth"),
-        preprocess=_preprocess_info("mobilenet0.25"),
+        meta=_meta(426_608), defaults=_defaults("mobilenet0.25"),
         description="RetinaFace MobileNet-0.25 (WIDER FACE), boxes + 5 landmarks",
     ),
     partial(RetinaFace, "mobilenet0.25"),
@@ -372,7 +387,7 @@ register(
         license="MIT",
         origin="biubug6/Pytorch_Retinaface",
         converter=_converter("Resnet50_Final.pth"),
-        preprocess=_preprocess_info("resnet50"),
+        meta=_meta(27_293_600), defaults=_defaults("resnet50"),
         description="RetinaFace ResNet-50 (WIDER FACE), boxes + 5 landmarks",
     ),
     partial(RetinaFace, "resnet50"),

@@ -8,10 +8,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from ..errors import InputError
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jp2", ".pgm", ".ppm"}
 
 
-class ImageReadError(ValueError):
+class ImageReadError(InputError):
     """An input that is not a readable image; the message names the file."""
 
 

@@ -17,6 +17,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ..errors import InputError
+
 READERS = ("opencv", "pyav")
 # Absorbs float rounding only (pts * time_base computed two ways by OpenCV and PyAV). Not larger:
 # at 24000/1001 fps frame 983 is stamped 0.96 ms before 41 s, and must not count as reaching it.
@@ -25,7 +27,7 @@ TIME_TOLERANCE_S = 1e-6
 TRUNCATED_SHARE = 0.98
 
 
-class VideoReadError(ValueError):
+class VideoReadError(InputError):
     """A video that cannot be read; the one-line message names the file and what is wrong."""
 
 

@@ -1,48 +1,26 @@
-"""Shared plumbing of the tasks: device choice, a per-process model cache, decode-ahead reading."""
+"""Shared plumbing of the tasks: the model cache they use, warnings, decode-ahead reading."""
 from __future__ import annotations
 
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from ..cache import ModelCache, default_cache, resolve_device  # noqa: F401  (the tasks' imports)
 from ..ops.image import ImageReadError, read_image
 
 
-def resolve_device(device: str | None = None):
-    """`None`/"auto" -> CUDA when present, else CPU."""
-    import torch
-
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def cache_or_default(models: ModelCache | None) -> ModelCache:
+    return default_cache() if models is None else models
 
 
-def cached_model(name: str, device, weights_dir=None):
-    """A model ready for inference, loaded once per process: weights loaded by name (strict),
-    then BatchNorm folded into the convolutions. device and weights_dir: str, torch.device or
-    Path, as given."""
-    # one cache key however the arguments are spelled (lru_cache keys f(a, b) and f(a, b, None) apart)
-    return _load_for_inference(name, str(device), None if weights_dir is None else str(weights_dir))
-
-
-@lru_cache(maxsize=8)
-def _load_for_inference(name: str, device: str, weights_dir: str | None):
-    import torch
-
-    from ..ops.fuse import fuse_conv_bn
-    from ..weights import load_model
-
-    model = fuse_conv_bn(load_model(name, device=device, weights_dir=weights_dir))
-    # oneDNN's depthwise and small convolutions are faster on channels-last weights (CPU)
-    return model.to(memory_format=torch.channels_last) if model_device(model).type == "cpu" else model
-
-
-def model_device(model):
-    return next(model.parameters()).device
+def load_models(models: ModelCache | None, device, weights_dir, *names: str) -> list:
+    """Each named model from the cache, before any output is written (a run that cannot get
+    its weights must not leave a half-made folder); WeightsError names the file and the fix."""
+    cache = cache_or_default(models)
+    return [cache.get(name, device, weights_dir) for name in names]
 
 
 def warn(msg: str) -> None:
@@ -68,3 +46,15 @@ def read_ahead(paths: Iterable[Path], workers: int = 2) -> Iterator[tuple[Path, 
                 yield q, f.result()
         for q, f in futures:
             yield q, f.result()
+
+
+def readable(paths: Iterable[Path], failed: list | None = None) -> Iterator[tuple[Path, np.ndarray]]:
+    """The images of `paths` that decode, read ahead; each unreadable one is warned about by
+    name (and appended to `failed`)."""
+    for p, im in read_ahead(paths):
+        if isinstance(im, Exception):
+            warn(str(im))
+            if failed is not None:
+                failed.append(p)
+        else:
+            yield p, im

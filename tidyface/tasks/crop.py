@@ -1,14 +1,9 @@
 """Face alignment and cropping for photo collections and frames.
 
-detect (or read landmarks) -> choose faces -> image->crop matrices -> one batched warp per batch
-of same-size images, from the original-resolution pixels -> `post` steps (Faces -> Faces) ->
-write crops and their matrices (crops.json). `uncrop` and `paste_back` move pixels back.
-
-Facts: the similarity fit, templates and face-factor definition are align.py's; the bbox crop rule
-is DECA's (yfeng95/DECA decalib/datasets/datasets.py, `bbox2point` and the 3-corner similarity
-onto [0, res-1]; also Medusa's BboxCropModel): for 68 landmarks the square has side
-scale * 1.1 * (w + h)/2 of their bounding box, centred on it; for a face-detector box, side
-scale * (w + h)/2, centred 0.12 * (w + h)/2 below the box centre.
+detect (or read landmarks) -> choose faces -> align/crop (pipeline.align: the geometry of an
+Alignment or a DECA BoxSquare, warped from the original-resolution pixels) -> `post` steps
+(Faces -> Faces) -> write crops and their matrices (crops.json). `uncrop` and `paste_back` move
+pixels back.
 """
 from __future__ import annotations
 
@@ -25,20 +20,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.align import FACE_SPAN, PADDING_MODES, TEMPLATES, invert, template_for, umeyama, unwarp, warp
+from ..cache import ModelCache, resolve_device
+from ..errors import UsageError
+from ..ops.align import FACE_SPAN, PADDING_MODES, TEMPLATES, invert, template_for, unwarp
 from ..ops.image import atomic_write_bytes, expand_paths, read_image, write_image
+from ..options import CropOptions
 from ..types import Detections, Faces
-from .common import read_ahead, resolve_device, warn
-from .detect import DEFAULT_DETECTOR, detect_batches
-from .landmark_files import (LandmarkEntry, LandmarkFileError, match_inputs, read_landmark_file,
-                             reduce_to_five)
+from . import pipeline as pl
+from .common import load_models, readable, warn
+from .landmark_files import LandmarkEntry, LandmarkFileError, match_inputs, read_landmark_file, reduce_to_five
+from .detect import DEFAULT_DETECTOR
+from .pipeline import DECA_BBOX_SCALE
 
 STRATEGIES = ("all", "largest", "best")
 CROP_MODES = ("align", "bbox")
 DEFAULT_OUTPUT_SIZE = 256
-DECA_BBOX_SCALE = 1.25
-DECA_LANDMARK_ENLARGE = 1.1  # bbox2point, type 'kpt68'
-DECA_DETECTOR_SHIFT = 0.12  # bbox2point, type 'bbox': centre moved down by this * (w + h)/2
 MANIFEST = "crops.json"
 JOURNAL = "crops.partial.jsonl"
 REPORT_FILES = ("no_faces.txt", "unreadable.txt", "no_landmarks.txt", "unused_landmarks.txt")
@@ -48,7 +44,7 @@ MAX_BATCH_PIXELS = 32_000_000
 PostStep = Callable[[Faces], Faces]
 
 
-class CropError(ValueError):
+class CropError(UsageError):
     """A crop run that cannot start (bad option, output folder already holding results, ...)."""
 
 
@@ -164,39 +160,18 @@ def load_template(spec: str | Template) -> Template:
 def align_matrices(points5: Tensor, template_points: Tensor, allow_skew: bool = False) -> Tensor:
     """(N,3,3) float64 image->crop transforms: least-squares similarity (or affine) of each
     face's 5 points onto the template points."""
-    if points5.shape[0] == 0:
-        return torch.zeros(0, 3, 3, dtype=torch.float64)
-    return umeyama(points5.to(torch.float64), template_points, allow_skew=allow_skew)
+    n = points5.shape[0]
+    dets = Detections(torch.zeros(n, 4, dtype=torch.float64), torch.ones(n), points5, torch.zeros(n, dtype=torch.long))
+    return pl.Alignment((1, 1), template_points, allow_skew).matrices(dets)
 
 
 def bbox_matrices(boxes: Tensor, size: tuple[int, int], scale: float = DECA_BBOX_SCALE,
                   from_landmarks: Tensor | bool = True) -> Tensor:
-    """(N,3,3) float64 transforms of DECA's square crop (no rotation).
-
-    boxes (N,4) xyxy: the bounding box of a face's landmarks (from_landmarks True) or a face
-    detector's box. DECA's bbox2point: base = (w + h)/2, times 1.1 for landmark boxes; the
-    square of side scale * base is centred on the box centre, moved down by 0.12 * base for
-    detector boxes. Its corners c -/+ side/2 land on output pixel centres 0 and res - 1 (DECA's
-    DST_PTS); for a non-square output, on the shorter side, centred.
-    """
-    b = boxes.to(torch.float64)
-    n = b.shape[0]
-    lm = torch.as_tensor(from_landmarks, dtype=torch.bool).expand(n)
-    wh = b[:, 2:] - b[:, :2]
-    base = wh.sum(1) / 2
-    centre = (b[:, :2] + b[:, 2:]) / 2
-    centre[:, 1] += torch.where(lm, 0.0, DECA_DETECTOR_SHIFT * base)
-    side = scale * base * torch.where(lm, DECA_LANDMARK_ENLARGE, 1.0)
-    if n and not bool((side > 0).all()):
-        raise ValueError("bbox crop: a face box has no extent")
-    s = (min(size) - 1) / side
-    out = torch.zeros(n, 3, 3, dtype=torch.float64)
-    out[:, 0, 0] = s
-    out[:, 1, 1] = s
-    out[:, 0, 2] = (size[0] - 1) / 2 - s * centre[:, 0]
-    out[:, 1, 2] = (size[1] - 1) / 2 - s * centre[:, 1]
-    out[:, 2, 2] = 1
-    return out
+    """(N,3,3) float64 transforms of DECA's square crop (pipeline.BoxSquare) of these boxes:
+    landmark bounding boxes (from_landmarks True) or a face detector's boxes."""
+    n = boxes.shape[0]
+    dets = Detections(boxes, torch.ones(n), None, torch.zeros(n, dtype=torch.long))
+    return pl.BoxSquare(size, scale, from_landmarks).matrices(dets)
 
 
 def select_faces(dets: Detections, strategy: str) -> Tensor:
@@ -256,7 +231,7 @@ class Cropper:
                  crop_mode: str = "align", bbox_scale: float = DECA_BBOX_SCALE,
                  strategy: str = "all", det_model: str = DEFAULT_DETECTOR,
                  det_threshold: float | None = None, device=None, batch_size: int = 8,
-                 weights_dir=None, post: Sequence[PostStep] = ()):
+                 weights_dir=None, post: Sequence[PostStep] = (), models: ModelCache | None = None):
         self.size = parse_size(output_size)
         if crop_mode not in CROP_MODES:
             raise CropError(f"crop mode must be one of {', '.join(CROP_MODES)}, got {crop_mode!r}")
@@ -294,16 +269,19 @@ class Cropper:
         self.batch_size = int(batch_size)
         self.weights_dir = weights_dir
         self.post = list(post)
+        self.models = models
 
     # -- geometry of one batch
+    def geometry(self, from_landmarks: Tensor | bool = False) -> pl.Geometry:
+        """The crop geometry; from_landmarks (per face) tells bbox mode which boxes are landmark
+        outlines. Align mode frames faces without landmarks by their boxes (pipeline.Alignment)."""
+        if self.crop_mode == "bbox":
+            return pl.BoxSquare(self.size, self.bbox_scale, from_landmarks)
+        return pl.Alignment(self.size, self.template_points, self.allow_skew)
+
     def matrices(self, dets: Detections, from_landmarks: Tensor | bool = False) -> Tensor:
         """(N,3,3) float64 image->crop transforms of these faces."""
-        if self.crop_mode == "bbox":
-            return bbox_matrices(dets.boxes, self.size, self.bbox_scale, from_landmarks)
-        if dets.landmarks is None:
-            raise CropError("the detector gives no landmarks, so faces cannot be aligned; "
-                            "use --crop-mode bbox")
-        return align_matrices(dets.landmarks, self.template_points, self.allow_skew)
+        return self.geometry(from_landmarks).matrices(dets)
 
     # -- face sources
     def _item(self, key, image, dets: Detections, from_landmarks: bool) -> _Item:
@@ -311,9 +289,10 @@ class Cropper:
         return _Item(key, image, dets.select(idx), idx, from_landmarks)
 
     def detected(self, frames: Iterable[tuple[object, np.ndarray]]) -> Iterator[_Item]:
-        for key, image, dets in detect_batches(frames, self.det_model, self.det_threshold,
-                                               self.device, self.batch_size, self.weights_dir):
-            yield self._item(key, image, dets.to("cpu"), False)
+        (detector,) = load_models(self.models, self.device, self.weights_dir, self.det_model)
+        for key, image, dets in pl.detect_stream(frames, detector, min_score=self.det_threshold,
+                                                 batch_size=self.batch_size):
+            yield self._item(key, image, dets, False)
 
     def given(self, frames: Iterable[tuple[object, np.ndarray]],
               landmarks: Mapping[object, Sequence[np.ndarray]]) -> Iterator[_Item]:
@@ -336,28 +315,14 @@ class Cropper:
             yield self._crop_batch(pending)
 
     def _crop_batch(self, items: list[_Item]) -> CropBatch:
-        # One warp per distinct image size among the batch's images that have faces.
-        groups: dict[tuple, list[int]] = {}
-        for i, it in enumerate(items):
-            if len(it.dets):
-                groups.setdefault(it.image.shape, []).append(i)
-        parts = []
-        for members in groups.values():
-            dets = Detections.cat([items[i].dets.shift_images(j) for j, i in enumerate(members)])
-            lm_flags = torch.cat([torch.full((len(items[i].dets),), items[i].from_landmarks)
-                                  for i in members])
-            mats = self.matrices(dets, lm_flags)
-            crops = self._warp([items[i].image for i in members], mats, dets.image_index)
-            global_index = torch.tensor(members)[dets.image_index]
-            parts.append(Faces(crops, mats, Detections(dets.boxes, dets.scores, dets.landmarks,
-                                                       global_index)).to(crops.device))
-        if parts:
-            faces = Faces.cat(parts) if len(parts) > 1 else parts[0]
-            if len(parts) > 1 and bool((faces.image_index[1:] < faces.image_index[:-1]).any()):
-                faces = faces.select(torch.argsort(faces.image_index, stable=True))
-        else:
-            faces = Faces(torch.zeros(0, 3, self.size[1], self.size[0]),
-                          torch.zeros(0, 3, 3, dtype=torch.float64), Detections.empty()).to(self.device)
+        with_faces = [i for i, it in enumerate(items) if len(it.dets)]
+        faces = Faces.empty(self.size, self.device)
+        if with_faces:  # only images with faces go to the device
+            dets = Detections.cat([items[i].dets.shift_images(j) for j, i in enumerate(with_faces)])
+            flags = torch.cat([torch.full((len(items[i].dets),), items[i].from_landmarks) for i in with_faces])
+            images = [pl.as_chw(items[i].image, self.device) for i in with_faces]
+            faces = pl.align(images, dets, self.geometry(flags), self.padding, self.fill)
+            faces.detections.image_index = torch.tensor(with_faces, device=self.device)[faces.image_index]
         face_index = torch.cat([it.face_index for it in items]) if items else torch.zeros(0, dtype=torch.long)
         for step in self.post:
             out = step(faces)
@@ -367,26 +332,6 @@ class Cropper:
             faces = out
         return CropBatch([it.key for it in items],
                          [(it.image.shape[1], it.image.shape[0]) for it in items], faces, face_index)
-
-    def _warp(self, images: list[np.ndarray], mats: Tensor, image_index: Tensor) -> Tensor:
-        """All crops of same-size images: one warp call when faces are spread evenly over the
-        images; otherwise one call per image, since a batched call samples max-faces-per-image
-        slots for every image (a group photo next to portraits would waste most of the work)."""
-        counts = torch.bincount(image_index, minlength=len(images))
-        if int(counts.max()) * len(images) <= 1.5 * len(image_index):
-            pixels = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2)
-            return warp(pixels, mats, image_index, self.size, self.padding, self.fill)
-        parts = []
-        order = torch.argsort(image_index, stable=True)
-        for i, image in enumerate(images):
-            if counts[i]:
-                pixels = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None]
-                parts.append(warp(pixels, mats[image_index == i], None, self.size, self.padding,
-                                  self.fill))
-        crops = torch.cat(parts)  # in image order; put back in the faces' order
-        out = torch.empty_like(crops)
-        out[order.to(crops.device)] = crops
-        return out
 
     # -- in-memory API
     def crop(self, images, landmarks: Sequence[Sequence[np.ndarray]] | None = None,
@@ -422,10 +367,7 @@ class Cropper:
             parts.append(Faces(f.crops, f.crop_mat, Detections(f.detections.boxes, f.detections.scores,
                                                                f.detections.landmarks, idx)))
         parts = [p for p in parts if len(p)]
-        if not parts:
-            return Faces(torch.zeros(0, 3, self.size[1], self.size[0]),
-                         torch.zeros(0, 3, 3, dtype=torch.float64), Detections.empty())
-        return Faces.cat(parts)
+        return Faces.cat(parts) if parts else Faces.empty(self.size)
 
 
 def to_uint8(crops: Tensor) -> np.ndarray:
@@ -722,47 +664,33 @@ def _preview(items: Sequence, n: int = 3) -> str:
     return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
-def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
-             landmarks: str | os.PathLike | None = None, output_size=DEFAULT_OUTPUT_SIZE,
-             face_factor: float | None = None, template: str = "arcface", allow_skew: bool = False,
-             padding: str = "constant", crop_mode: str = "align",
-             bbox_scale: float = DECA_BBOX_SCALE, strategy: str = "all",
-             det_model: str = DEFAULT_DETECTOR, det_threshold: float | None = None, device=None,
-             batch_size: int = 8, overwrite: bool = False, ext: str = "jpg", weights_dir=None,
-             post: Sequence[PostStep] = ()) -> int:
-    """The `tidyface crop` command; returns the exit code (0 ok; 1 some images unreadable or
-    without landmarks in the landmark file; 2 nothing done: bad option or file, output folder
-    already holding results)."""
-    out = Path(out)
-    ext = ext.lower().lstrip(".")
-    try:
-        if ext not in ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"):
-            raise CropError(f"output format must be jpg, png, webp, bmp or tif, got {ext!r}")
-        cropper = Cropper(output_size, face_factor=face_factor, template=template,
-                          allow_skew=allow_skew, padding=padding, crop_mode=crop_mode,
-                          bbox_scale=bbox_scale, strategy=strategy, det_model=det_model,
-                          det_threshold=det_threshold, device=device, batch_size=batch_size,
-                          weights_dir=weights_dir, post=post)
-        files, root = plan_inputs(inputs, exclude=out)
-        if not files:
-            raise CropError("no images found in " + ", ".join(map(str, inputs)))
-        table = match = None
-        if landmarks is not None:
-            table = read_landmark_file(landmarks)
-            match = match_inputs(table, files, root)
-            _check_given_faces(cropper, match.faces, table.path)
-        else:  # resolve the detector's weights before the output folder is touched
-            from ..weights import WeightsError
-            from .common import cached_model, resolve_device
-
-            try:
-                cached_model(det_model, resolve_device(device), weights_dir)
-            except WeightsError as e:
-                raise CropError(str(e)) from None
-        _prepare_output(out, overwrite)
-    except (CropError, LandmarkFileError) as e:
-        print(f"tidyface: error: {e}", file=sys.stderr)
-        return 2
+def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, *,
+             options: CropOptions | None = None, post: Sequence[PostStep] = (),
+             models: ModelCache | None = None, **flags) -> int:
+    """The `tidyface crop` command: crops of the faces in `inputs` into `out` (flags: the
+    fields of CropOptions, or `options` whole). Returns the exit code (0 ok; 1 some images
+    unreadable or without landmarks in the landmark file); a run that cannot start raises a
+    TidyfaceError before the output folder is touched."""
+    o = options or CropOptions(out=None if out is None else str(out), **flags)
+    if not inputs:
+        raise UsageError("give at least one image, folder or .txt list")
+    out, landmarks, strategy, ext = Path(o.out), o.landmarks, o.strategy, o.ext
+    cropper = Cropper(o.output_size, face_factor=o.face_factor, template=o.template,
+                      allow_skew=o.allow_skew, padding=o.padding, crop_mode=o.crop_mode,
+                      bbox_scale=o.bbox_scale, strategy=o.strategy, det_model=o.det_model,
+                      det_threshold=o.det_threshold, device=o.device, batch_size=o.batch_size,
+                      weights_dir=o.weights_dir, post=post, models=models)
+    files, root = plan_inputs(inputs, exclude=out)
+    if not files:
+        raise CropError("no images found in " + ", ".join(map(str, inputs)))
+    match = None
+    if landmarks is not None:
+        table = read_landmark_file(landmarks)
+        match = match_inputs(table, files, root)
+        _check_given_faces(cropper, match.faces, table.path)
+    else:  # the detector's weights before the output folder is touched
+        load_models(models, o.device, o.weights_dir, o.det_model)
+    _prepare_output(out, o.overwrite)
 
     stems = output_stems(files, root)
     out.mkdir(parents=True, exist_ok=True)
@@ -782,19 +710,11 @@ def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     else:
         todo = files
 
-    def frames():
-        for path, image in read_ahead(todo):
-            if isinstance(image, Exception):
-                warn(str(image))
-                unreadable.append(path)
-            else:
-                yield path, image
-
     if match is not None:
         face_points = {p: [e.points for e in entries] for p, entries in match.faces.items()}
-        items = cropper.given(frames(), face_points)
+        items = cropper.given(readable(todo, unreadable), face_points)
     else:
-        items = cropper.detected(frames())
+        items = cropper.detected(readable(todo, unreadable))
 
     journal = open(out / JOURNAL, "a", encoding="utf-8")
     interrupted = False

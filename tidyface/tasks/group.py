@@ -1,7 +1,9 @@
 """`tidyface group`: faces of a photo collection (or a folder of face crops) sorted by person.
 
-Faces are detected, aligned and embedded once; each face's picture goes to a staging folder as
-it is found, so memory stays flat, and is moved into its group's folder after grouping.
+source (photos, or crops) -> detect -> align -> embed -> describe -> dedup -> group -> sink
+(the face pictures in one folder per group, groups.csv, and the face table in .tidyface/).
+Each face's picture goes to a staging folder as it is found, so memory stays flat, and is moved
+into its group's folder after grouping.
 """
 from __future__ import annotations
 
@@ -11,39 +13,32 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..ops.align import template_for, umeyama, warp
-from ..ops.image import IMAGE_EXTS, atomic_write_bytes, expand_paths, read_image, write_image
-from . import dedup as dd
+from ..cache import ModelCache
+from ..errors import InputError, OutputError
+from ..models.base import model_device
+from ..ops.align import template_for
+from ..ops.image import IMAGE_EXTS, atomic_write_bytes, expand_paths, write_image
+from ..options import GroupCommandOptions
+from ..types import Detections, Faces, FaceTable
 from . import grouping as gp
-from .common import read_ahead, warn
-from .detect import DEFAULT_DETECTOR
-from .embed import DEFAULT_ENCODER, embed_crops, embed_images
+from . import pipeline as pl
+from .common import load_models, readable
+from .embed import embed_images
 
 VIEW_SIZE = 256  # side of the aligned face pictures written into the group folders
 VIEW_FACE_FACTOR = 0.5  # a little hair and chin around the face (see ops.align.template_for)
 MANIFEST = "groups.csv"
 LOG = "group_log.csv"
 DUPES = "_duplicates"
-
-
-class OutputExistsError(RuntimeError):
-    pass
-
-
-@dataclass
-class FaceRecord:
-    file: str  # the picture's name inside its group folder
-    source: str
-    face_index: int
-    quality: float  # face area x sharpness: which face of a duplicate set is kept
-    ahash: int  # 64-bit average hash of the picture, for the first dedup pass
+TABLE = Path(".tidyface") / "faces.npz"
+VIEW = pl.Alignment((VIEW_SIZE, VIEW_SIZE), template_for(VIEW_SIZE, "arcface", VIEW_FACE_FACTOR))
 
 
 def write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str] | None = None) -> None:
@@ -60,11 +55,11 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     """An empty output folder, or a refusal: results of two runs are never mixed."""
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise OutputExistsError(f"{out} already holds files; choose another --out or pass "
-                                    f"--overwrite to replace an earlier tidyface group result there")
+            raise OutputError(f"{out} already holds files; choose another --out or pass "
+                              f"--overwrite to replace an earlier tidyface group result there")
         if not (out / MANIFEST).is_file():
-            raise OutputExistsError(f"{out} holds files that are not a tidyface group result; "
-                                    f"--overwrite only replaces a folder with a {MANIFEST}")
+            raise OutputError(f"{out} holds files that are not a tidyface group result; "
+                              f"--overwrite only replaces a folder with a {MANIFEST}")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -75,102 +70,56 @@ def flat_name(path: Path, root: Path) -> str:
     return "__".join(rel.with_suffix("").parts)
 
 
-def view_crops(images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-    """Upright pictures of faces for people to look at (aligned, VIEW_SIZE square)."""
-    dst = template_for(VIEW_SIZE, "arcface", VIEW_FACE_FACTOR).to(images.device)
-    mats = umeyama(landmarks.to(images.device, torch.float64), dst)
-    return warp(images, mats, None, (VIEW_SIZE, VIEW_SIZE), padding="replicate")
+def _write_views(views: Faces, stage: Path, stem: str) -> list[str]:
+    pixels = pl.to_uint8(views.crops).permute(0, 2, 3, 1).cpu().numpy()
+    names = [f"{stem}_{k}.jpg" for k in range(len(views))]
+    for name, p in zip(names, pixels):
+        write_image(stage / name, p)
+    return names
 
 
-def collect_photo_faces(files: list[Path], root: Path, stage: Path, model, det_model, min_score,
-                        device, batch_size, enc_area, weights_dir):
-    """Detect + embed every face; write each face's picture into `stage`. -> records, embeddings."""
+def collect_photo_faces(files: list[Path], root: Path, stage: Path, encoder, detector,
+                        o: GroupCommandOptions) -> tuple[FaceTable, int]:
+    """detect -> align -> embed every face; an upright picture of each (VIEW) goes to `stage`
+    and is what dedup measures. -> the face table, the number of unreadable files."""
     from tqdm import tqdm
 
-    records, embs, failed = [], [], 0
-
-    def readable():
-        nonlocal failed
-        for p, im in read_ahead(files):
-            if isinstance(im, Exception):
-                failed += 1
-                warn(str(im))
-            else:
-                yield p, im
-
+    parts, failed = [], []
     bar = tqdm(total=len(files), unit="img", desc="faces", file=sys.stderr, disable=None)
-    for p, img, faces, e in embed_images(readable(), model, det_model, min_score, device, batch_size,
-                                         enc_area=enc_area, weights_dir=weights_dir):
+    for path, img, faces in embed_images(readable(files, failed), encoder, detector, min_score=o.det_min_score,
+                                         batch_size=o.batch_size, area=o.enc_area):
         bar.update(1)
-        if faces is None:
+        if len(faces) == 0:
             continue
-        t = torch.from_numpy(img).permute(2, 0, 1)[None]  # uint8: warp reads only the faces
-        views = view_crops(t, faces.detections.landmarks.cpu()).round().clamp(0, 255).to(torch.uint8)
-        boxes = faces.detections.boxes.cpu()
-        area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=1)
-        quality = area * (dd.sharpness(views) + 1)
-        hashes = dd.average_hash(views).tolist()
-        stem = flat_name(p, root)
-        for k in range(len(faces)):
-            name = f"{stem}_{k}.jpg"
-            write_image(stage / name, views[k].permute(1, 2, 0).numpy())
-            records.append(FaceRecord(name, str(p), k, float(quality[k]), hashes[k]))
-        embs.append(e)
-        bar.set_postfix(faces=len(records))
+        views = pl.describe(pl.align([pl.as_chw(img)], faces.detections.to("cpu"), VIEW))
+        names = _write_views(views, stage, flat_name(path, root))
+        views = replace(views, embeddings=faces.embeddings.cpu())
+        parts.append(FaceTable.from_faces(views, name=names, source=[str(path)] * len(views)))
+        bar.set_postfix(faces=sum(map(len, parts)))
     bar.close()
-    return records, (torch.cat(embs) if embs else torch.zeros(0, 1)), failed
+    return FaceTable.cat(parts) if parts else FaceTable.empty(encoder.spec.meta.embedding_dim), len(failed)
 
 
-def collect_crops(files: list[Path], root: Path, stage: Path, model, device, batch_size, enc_area,
-                  weights_dir):
-    """Face crops as given: each file is one face, copied as it is."""
-    records, images, failed = [], [], 0
-    for p, im in read_ahead(files):
-        if isinstance(im, Exception):
-            failed += 1
-            warn(str(im))
-            continue
-        name = flat_name(p, root) + p.suffix.lower()
-        shutil.copyfile(p, stage / name)
-        g = torch.from_numpy(im).permute(2, 0, 1)[None]
-        quality = im.shape[0] * im.shape[1] * (float(dd.sharpness(g)[0]) + 1)
-        records.append(FaceRecord(name, str(p), 0, quality, int(dd.average_hash(g)[0])))
-        images.append(im)
-    emb = embed_crops(images, model, device, batch_size, enc_area, weights_dir)
-    return records, emb, failed
-
-
-def reference_embeddings(ref_dir: Path, model, det_model, min_score, device, enc_area, weights_dir):
-    """One embedding per reference image (its largest face; the whole image if no face is
-    found, i.e. the reference is already a crop), labelled by its subfolder."""
-    classes = sorted(d for d in ref_dir.iterdir() if d.is_dir())
-    if not classes:
-        raise ValueError(f"{ref_dir}: no class subfolders; --ref-dir needs one folder per person "
-                         f"holding one or more reference images")
-    items = [(c.name, p) for c in classes for p in expand_paths([c])]
-    labels, embs, crops = [], [], []
-    images = []
-    for label, p in items:
-        try:
-            images.append((label, p, read_image(p)))
-        except Exception as e:
-            warn(str(e))
-    for (label, p), img, faces, e in embed_images((((lb, p), im) for lb, p, im in images), model, det_model,
-                                                  min_score, device, weights_dir=weights_dir, enc_area=enc_area):
-        if faces is None:
-            crops.append((label, img))
-            continue
-        b = faces.detections.boxes
-        labels.append(label)
-        embs.append(e[int(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).argmax())][None])
-    if crops:
-        labels += [lb for lb, _ in crops]
-        embs.append(embed_crops([im for _, im in crops], model, device, enc_area=enc_area,
-                                weights_dir=weights_dir))
-    missing = {c.name for c in classes} - set(labels)
-    if missing:
-        raise ValueError(f"{ref_dir}: no readable reference image in {', '.join(sorted(missing))}")
-    return torch.cat(embs), labels
+def collect_crops(files: list[Path], root: Path, stage: Path, encoder, o: GroupCommandOptions
+                  ) -> tuple[FaceTable, int]:
+    """Face crops as given: each file is one face (its whole image the face box), copied as it is."""
+    parts, failed, crops = [], [], []
+    dev = model_device(encoder)
+    geometry = pl.BoxArea(tuple(encoder.spec.meta.input_size), o.enc_area or (0.0, 0.0, 1.0, 1.0))
+    for path, im in readable(files, failed):
+        name = flat_name(path, root) + path.suffix.lower()
+        shutil.copyfile(path, stage / name)
+        h, w = im.shape[:2]
+        whole = Detections(torch.tensor([[0.0, 0.0, w, h]]), torch.ones(1), None, torch.zeros(1, dtype=torch.long))
+        face = pl.describe(Faces(pl.as_chw(im)[None], torch.eye(3, dtype=torch.float64)[None], whole))
+        crops.append(pl.align([pl.as_chw(im, dev)], whole, geometry).crops)
+        parts.append(FaceTable.from_faces(face, name=[name], source=[str(path)]))
+    dim = encoder.spec.meta.embedding_dim
+    if not parts:
+        return FaceTable.empty(dim), len(failed)
+    table = FaceTable.cat(parts)
+    table.embeddings = pl.encode(encoder, torch.cat(crops), o.batch_size).cpu().numpy()
+    return table, len(failed)
 
 
 def place(stage: Path, out: Path, name: str, group: str, move: bool) -> None:
@@ -187,103 +136,92 @@ def place(stage: Path, out: Path, name: str, group: str, move: bool) -> None:
 @dataclass
 class GroupResult:
     out: Path
-    records: list[FaceRecord]
+    table: FaceTable  # every face; name: its picture under out
     grouping: gp.Grouping | None
     dropped: int
     failed: int
 
 
-def run_group(path: str, out: str, mode: str = "auto", clusters="2-9", clusters_save_all: bool = False,
-              random_state: int = 0, ref_dir: str | None = None, enc_oth_thr: float = -1,
-              auto_thr: float | None = None, cropped: bool = False, model: str = DEFAULT_ENCODER,
-              det_model: str = DEFAULT_DETECTOR, min_score=None, hash_thr: int = -1,
-              enc_dup_thr: float = -1, enc_area=None, group_log: bool = False, device=None,
-              batch_size: int = 32, overwrite: bool = False, weights_dir=None) -> GroupResult:
-    """Group the faces under `path` by person into `out`; see `tidyface group --help`."""
+def _group_kept(table: FaceTable, kept: np.ndarray, o: GroupCommandOptions, encoder, detector) -> gp.Grouping:
+    def references():
+        return pl.reference_embeddings(Path(o.ref_dir), encoder, detector, min_score=o.det_min_score,
+                                       area=o.enc_area)
+
+    grouping = pl.group(torch.from_numpy(table.embeddings[kept]), o.grouping(o.mode), encoder.spec, references)
+    if grouping.note:
+        print(f"tidyface: {grouping.note}", file=sys.stderr)
+    return grouping
+
+
+def _sink(out: Path, stage: Path, table: FaceTable, keep: np.ndarray, grouping, o) -> list[dict]:
+    """Move every picture into its group's folder (duplicates into _duplicates/); the rows of
+    groups.csv. table.name becomes each picture's path under out."""
+    kept, rows = np.flatnonzero(keep), []
+    labels = dict(zip(kept.tolist(), grouping.labels)) if grouping else {}
+    if grouping is not None and o.clusters_save_all and o.mode == "cluster":
+        for k, per_k in grouping.details.get("labels_per_k", {}).items():
+            for j, i in enumerate(kept):
+                place(stage, out / f"G{k}", table.name[i], per_k[j], move=False)
+    for i in range(len(table)):
+        group = labels.get(i, DUPES)
+        place(stage, out, table.name[i], group, move=True)
+        table.name[i] = f"{group}/{table.name[i]}"
+        if i in labels:
+            j = int(np.searchsorted(kept, i))
+            rows.append({"file": table.name[i], "source": table.source[i], "face_index": int(table.face_index[i]),
+                         "group": group, "distance": f"{grouping.distance[j]:.4f}"})
+    return rows
+
+
+def run_group(path: str | None = None, out: str | None = None, *, options: GroupCommandOptions | None = None,
+              models: ModelCache | None = None, **flags) -> GroupResult:
+    """Group the faces under `path` by person into `out` (flags: the fields of
+    GroupCommandOptions, or `options` whole; see `tidyface group --help`)."""
     t0 = time.time()
-    if mode not in ("cluster", "auto", "classify"):
-        raise ValueError(f"--mode must be cluster, auto or classify, got {mode!r}")
-    if mode == "classify" and not ref_dir:
-        raise ValueError("--mode classify needs --ref-dir (one subfolder of reference images per person)")
-    if mode == "cluster":
-        gp.parse_clusters(clusters)  # fail on a bad spec before any work
-    src, out = Path(path), Path(out)
+    o = options or GroupCommandOptions(path=path, out=out, **flags)
+    src, out = Path(o.path), Path(o.out)
     if not src.exists():
-        raise FileNotFoundError(f"{src}: no such file or folder")
+        raise InputError(f"{src}: no such file or folder")
     files = [p for p in expand_paths([src]) if p.suffix.lower() in IMAGE_EXTS]
     root = src.resolve() if src.is_dir() else src.resolve().parent
-    # weights first: a run that cannot get them must not leave a half-made output folder
-    from .common import cached_model, resolve_device
-
-    dev = resolve_device(device)
-    for name in (model,) if cropped else (model, det_model):
-        cached_model(name, dev, weights_dir)
-    prepare_out(out, overwrite)
+    names = (o.enc_model,) if o.cropped and o.mode != "classify" else (o.enc_model, o.det_model)
+    encoder, *rest = load_models(models, o.device, o.weights_dir, *names)
+    detector = rest[0] if rest else None
+    prepare_out(out, o.overwrite)
     stage = out / ".staging"
     stage.mkdir()
-    if cropped:
-        records, emb, failed = collect_crops(files, root, stage, model, device, batch_size, enc_area, weights_dir)
+    if o.cropped:
+        table, failed = collect_crops(files, root, stage, encoder, o)
     else:
-        records, emb, failed = collect_photo_faces(files, root, stage, model, det_model, min_score, device,
-                                                   batch_size, enc_area, weights_dir)
-    # Dedup: the cheap hash pass first, then embeddings over what survived it.
-    keep = np.ones(len(records), bool)
-    rows_dupes = []
-    quality = np.array([r.quality for r in records])
-    names = [r.file for r in records]
-    if len(records) and hash_thr != -1:
-        res = dd.hash_duplicates(torch.tensor([r.ahash for r in records]), quality, hash_thr)
-        keep &= res.keep
-        rows_dupes += dd.dedup_log_rows(res, names)
-    if keep.any() and enc_dup_thr != -1:
-        idx = np.flatnonzero(keep)
-        res = dd.embedding_duplicates(emb[idx], quality[idx], enc_dup_thr)
-        keep[idx[~res.keep]] = False
-        rows_dupes += dd.dedup_log_rows(res, [names[i] for i in idx])
-    kept = np.flatnonzero(keep)
-    for i in np.flatnonzero(~keep):
-        place(stage, out, records[i].file, DUPES, move=True)
-
-    grouping = None
-    if len(kept) == 0:
+        table, failed = collect_photo_faces(files, root, stage, encoder, detector, o)
+    outcome = pl.dedup(table, o.hash_thr, o.enc_dup_thr)
+    kept = np.flatnonzero(outcome.keep)
+    grouping = _group_kept(table, kept, o, encoder, detector) if len(kept) else None
+    if grouping is None:
         print(f"tidyface: no faces found in {src}; {out} holds an empty {MANIFEST}", file=sys.stderr)
-    else:
-        e = emb[kept]
-        if mode == "cluster":
-            grouping = gp.cluster(e, clusters, random_state=random_state, save_all=clusters_save_all)
-        elif mode == "auto":
-            if auto_thr is None:
-                auto_thr = cached_model(model, dev, weights_dir).spec.preprocess.get("auto_threshold", gp.AUTO_THRESHOLD)
-            grouping = gp.auto(e, auto_thr)
-        else:
-            ref_emb, ref_labels = reference_embeddings(Path(ref_dir), model, det_model, min_score, device,
-                                                       enc_area, weights_dir)
-            grouping = gp.classify(e, ref_emb, ref_labels, enc_oth_thr)
-        if grouping.note:
-            print(f"tidyface: {grouping.note}", file=sys.stderr)
-        if clusters_save_all and mode == "cluster":
-            for k, labels in grouping.details.get("labels_per_k", {}).items():
-                for j, i in enumerate(kept):
-                    place(stage, out / f"G{k}", records[i].file, labels[j], move=False)
-        for j, i in enumerate(kept):
-            place(stage, out, records[i].file, grouping.labels[j], move=True)
+    log_names = [table.name[i] for i in kept]
+    rows = _sink(out, stage, table, outcome.keep, grouping, o)
     shutil.rmtree(stage)
-
-    rows = [{"file": f"{grouping.labels[j]}/{records[i].file}", "source": records[i].source,
-             "face_index": records[i].face_index, "group": grouping.labels[j],
-             "distance": f"{grouping.distance[j]:.4f}"} for j, i in enumerate(kept)] if grouping else []
-    by_file = {d["name"]: d for d in rows_dupes}
-    rows += [{"file": f"{DUPES}/{records[i].file}", "source": records[i].source,
-              "face_index": records[i].face_index, "group": "duplicate",
-              "distance": f"{by_file[records[i].file]['distance']:.4f}" if records[i].file in by_file else ""}
-             for i in np.flatnonzero(~keep)]
-    write_csv(out / MANIFEST, rows, ["file", "source", "face_index", "group", "distance"])
-    if group_log and grouping is not None:
-        write_csv(out / LOG, gp.grouping_log_rows(grouping, [records[i].file for i in kept]))
-    if group_log and rows_dupes:
-        write_csv(out / "dedup_log.csv", rows_dupes)
+    _write_records(out, table, outcome, rows, grouping, log_names, o.group_log)
     sizes = {} if grouping is None else {g: len(v) for g, v in grouping.groups().items()}
-    print(f"tidyface: {len(files)} images, {len(records)} faces ({len(records) - len(kept)} duplicates), "
+    print(f"tidyface: {len(files)} images, {len(table)} faces ({len(table) - len(kept)} duplicates), "
           f"{failed} unreadable; groups: " + (", ".join(f"{g}={n}" for g, n in sizes.items()) or "none")
           + f"; {time.time() - t0:.1f} s -> {out}", file=sys.stderr)
-    return GroupResult(out, records, grouping, int((~keep).sum()), failed)
+    return GroupResult(out, table, grouping, int((~outcome.keep).sum()), failed)
+
+
+def _write_records(out: Path, table: FaceTable, outcome: pl.DedupOutcome, rows: list[dict], grouping,
+                   log_names: list[str], group_log: bool) -> None:
+    """groups.csv (duplicates listed with their distance to the face kept), the face table, logs."""
+    dupe_rows = [r for p in sorted(outcome.logs) for r in outcome.logs[p]]
+    distance = {f"{DUPES}/{r['name']}": r["distance"] for r in dupe_rows}
+    for i in np.flatnonzero(~outcome.keep):
+        d = distance.get(table.name[i])
+        rows.append({"file": table.name[i], "source": table.source[i], "face_index": int(table.face_index[i]),
+                     "group": "duplicate", "distance": "" if d is None else f"{d:.4f}"})
+    write_csv(out / MANIFEST, rows, ["file", "source", "face_index", "group", "distance"])
+    table.save(out / TABLE)
+    if group_log and grouping is not None:
+        write_csv(out / LOG, gp.grouping_log_rows(grouping, log_names))
+    if group_log and dupe_rows:
+        write_csv(out / "dedup_log.csv", dupe_rows)

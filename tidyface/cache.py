@@ -1,0 +1,75 @@
+"""ModelCache: models ready for inference, loaded once and shared by the tasks of a process.
+
+Sharing is safe because a task never changes a model: every setting (min_score, max_size,
+thresholds) is an argument of the model's call (models/base.py).
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+
+def resolve_device(device=None):
+    """`None`/"auto" -> CUDA when present, else CPU."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class ModelCache:
+    """Up to `capacity` models, least recently used dropped first, keyed by (name, device,
+    weights_dir). Capacity 16 holds a whole pipeline (detector, landmarker, parser, enhancer,
+    encoder) on two devices with room to spare; 0 keeps nothing (every `get` loads afresh)."""
+
+    def __init__(self, capacity: int = 16):
+        if int(capacity) < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self.capacity = int(capacity)
+        self._models: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def get(self, name: str, device=None, weights_dir=None):
+        """The model `name` on `device` (None: CUDA when present), weights loaded by name
+        (strict), BatchNorm folded, in eval mode."""
+        dev = resolve_device(device)
+        key = (name, str(dev), None if weights_dir is None else str(Path(weights_dir)))
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+        model = _load_for_inference(name, dev, weights_dir)
+        with self._lock:
+            self._models[key] = model
+            while len(self._models) > self.capacity:
+                self._models.popitem(last=False)
+        return model
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
+
+
+def _load_for_inference(name: str, device, weights_dir):
+    import torch
+
+    from .models.base import model_device
+    from .ops.fuse import fuse_conv_bn
+    from .weights import load_model
+
+    model = fuse_conv_bn(load_model(name, device=device, weights_dir=weights_dir))
+    # oneDNN's depthwise and small convolutions are faster on channels-last weights (CPU)
+    return model.to(memory_format=torch.channels_last) if model_device(model).type == "cpu" else model
+
+
+_DEFAULT = ModelCache()
+
+
+def default_cache() -> ModelCache:
+    """The process-wide cache that tasks use when none is passed."""
+    return _DEFAULT

@@ -1,0 +1,349 @@
+"""Every command's flags, declared once: one dataclass per task, a field per flag with its default
+and its help. The command line (cli.py) is generated from these, the task functions take them,
+and README's flag tables are checked against them (tests/test_readme.py).
+
+Values arrive from python-fire already parsed as Python literals (a folder named 2024 as an int,
+`1,2` as a tuple, `false` as a string); `coerce` turns each into its field's type or refuses it
+with one line naming the flag. Light on purpose: no torch here, so `tidyface --help` is quick.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+
+from .errors import UsageError
+
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def flag(default, help: str, **meta):
+    """A field with its help text; meta: positional=True (the command's argument, not a flag)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _as_bool(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise UsageError(f"{flag_name(name)} takes true or false (yes/no, 1/0), got {value!r}")
+
+
+def _as_number(value, kind: type, name: str):
+    if isinstance(value, bool):
+        raise UsageError(f"{flag_name(name)} needs a number, got {value!r}")
+    try:
+        number = float(str(value).strip()) if isinstance(value, str) else value
+        if kind is int:
+            if float(number) != int(float(number)):
+                raise ValueError
+            return int(float(number))
+        return float(number)
+    except (TypeError, ValueError, OverflowError):
+        what = "a whole number" if kind is int else "a number"
+        raise UsageError(f"{flag_name(name)} needs {what}, got {value!r}") from None
+
+
+def _as_text(value) -> str:
+    if isinstance(value, (tuple, list)):  # fire reads `1,2` as a tuple: the text it was
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def coerce(value, hint, name: str):
+    """`value` as the field type `hint` (bool, int, float, str, or X | None)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        return _as_bool(value, name)
+    if hint in (int, float):
+        return _as_number(value, hint, name)
+    if hint is str:
+        return _as_text(value)
+    return value
+
+
+class Options:
+    """Mixin of the option dataclasses: values coerced to their types on construction, then
+    checked by `check` (each class's own rules), before any work starts."""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            setattr(self, f.name, coerce(getattr(self, f.name), hints[f.name], f.name))
+        self.check()
+
+    def check(self) -> None:
+        pass
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def flags(cls) -> list[dataclasses.Field]:
+        return [f for f in fields(cls) if not f.metadata.get("positional")]
+
+
+def _positive(value, name: str, minimum=1) -> None:
+    if value is not None and value < minimum:
+        raise UsageError(f"{flag_name(name)} must be >= {minimum}, got {value}")
+
+
+def _score(value, name: str) -> None:
+    if value is not None and not 0 <= value <= 1:
+        raise UsageError(f"{flag_name(name)} must be in [0, 1], got {value}")
+
+
+@dataclass
+class Common(Options):
+    device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda when present).")
+    weights_dir: str | None = flag(None, "a folder holding upstream weight files (like TIDYFACE_MIRROR).")
+
+
+@dataclass
+class DetectOptions(Common):
+    model: str = flag("retinaface_mnet025", "detector (`tidyface models --task detect`).")
+    min_score: float | None = flag(None, "drop faces scoring below this (default: the detector's own).")
+    batch_size: int = flag(8, "images per forward pass (same-size images are batched together).")
+    out: str | None = flag(None, "also write each image with boxes, scores and landmarks drawn, "
+                                 "mirroring the input tree.")
+    max_size: int | None = flag(None, "the longer side the detector sees (default: the detector's, "
+                                      "RetinaFace 1280; 0: full resolution); boxes are in input pixels.")
+
+    def check(self):
+        _score(self.min_score, "min_score")
+        _positive(self.batch_size, "batch_size")
+        _positive(self.max_size, "max_size", 0)
+
+
+@dataclass
+class CropOptions(Common):
+    out: str | None = flag(None, "output folder (required).")
+    landmarks: str | None = flag(None, "a .json/.csv/.txt file of landmarks (5, 68, 98 or 106 points) "
+                                       "instead of detection.")
+    output_size: str = flag("256", "N or W,H in pixels.")
+    face_factor: float | None = flag(None, "share of the output's shorter side taken by the face, in "
+                                           "(0, 1) (default: the template's own; docs/face_factor.md).")
+    template: str = flag("arcface", "arcface, ffhq, or a file with 5 points and their frame size.")
+    allow_skew: bool = flag(False, "fit an affine transform instead of a similarity.")
+    padding: str = flag("constant", "constant, replicate, reflect or wrap: what fills the crop beyond the image.")
+    crop_mode: str = flag("align", "align (5-point template) or bbox (DECA-style square box).")
+    bbox_scale: float = flag(1.25, "bbox mode: enlargement of the landmark or detector box.")
+    strategy: str = flag("all", "all, largest or best (highest score) face per image.")
+    det_model: str = flag("retinaface_mnet025", "detector (`tidyface models --task detect`).")
+    det_threshold: float | None = flag(None, "drop faces scoring below this.")
+    batch_size: int = flag(8, "images per detector pass.")
+    ext: str = flag("jpg", "jpg, png, webp, bmp or tif.")
+    overwrite: bool = flag(False, "replace an earlier crop result in OUT (deletes exactly its files).")
+
+    def check(self):
+        if not self.out:
+            raise UsageError("give --out DIR")
+        _score(self.det_threshold, "det_threshold")
+        _positive(self.batch_size, "batch_size")
+        self.ext = self.ext.lower().lstrip(".")
+        if self.ext not in ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"):
+            raise UsageError(f"--ext must be jpg, png, webp, bmp or tif, got {self.ext!r}")
+
+
+@dataclass
+class EmbedOptions(Common):
+    out: str | None = flag(None, "the .npz to write (required): one row per face (tidyface.read_faces).")
+    model: str = flag("facenet_casia_tf", "encoder: facenet_casia_tf, mobilefacenet, facenet_vggface2, "
+                                          "facenet_casia.")
+    det_model: str = flag("retinaface_mnet025", "detector (`tidyface models --task detect`).")
+    min_score: float | None = flag(None, "detector score threshold (default: the detector's own).")
+    enc_area: str | None = flag(None, "\"x1 y1 x2 y2\" fractions of the face box to embed, unaligned, "
+                                      "instead of aligning the landmarks onto the encoder's template.")
+    batch_size: int = flag(32, "faces per encoder forward pass.")
+
+    def check(self):
+        if not self.out:
+            raise UsageError("give --out FILE.npz")
+        _score(self.min_score, "min_score")
+        _positive(self.batch_size, "batch_size")
+        self.enc_area = parse_area(self.enc_area)
+
+
+@dataclass
+class GroupingFlags(Options):
+    """The flags that choose how faces are grouped (group and video2faces)."""
+
+    clusters: str = flag("2-9", "cluster mode: k as a range 2-9, a list 2,4,6 or one number.")
+    clusters_save_all: bool = flag(False, "cluster mode: also write the grouping for every k under G<k>/.")
+    random_state: int = flag(0, "seed of KMeans.")
+    ref_dir: str | None = flag(None, "classify mode: one subfolder per person with reference images.")
+    enc_oth_thr: float = flag(-1, "classify mode: faces at cosine distance >= this from every person go "
+                                  "to other/ (-1: every face gets its nearest person).")
+    auto_thr: float | None = flag(None, "auto mode: average-linkage cosine distance threshold (default: "
+                                        "the encoder's, chosen on labelled data).")
+    group_log: bool = flag(False, "also write the distances behind each decision.")
+
+    def grouping(self, mode: str):
+        from .tasks.pipeline import GroupOptions
+
+        try:
+            return GroupOptions(mode, self.clusters, self.clusters_save_all, self.random_state,
+                                self.auto_thr, self.enc_oth_thr).check()
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+
+@dataclass
+class GroupCommandOptions(GroupingFlags, Common):
+    path: str | None = flag(None, "a folder (searched recursively) of photos, or of face crops with --cropped.",
+                            positional=True)
+    out: str | None = flag(None, "the output folder (required); must be empty, or a previous result with --overwrite.")
+    mode: str = flag("auto", "auto (threshold clustering, no k), cluster (KMeans, k by silhouette) or "
+                             "classify (against --ref-dir).")
+    cropped: bool = flag(False, "the images are face crops (one face each): no detection.")
+    enc_model: str = flag("facenet_casia_tf", "encoder (`tidyface models --task embed`).")
+    det_model: str = flag("retinaface_mnet025", "detector (`tidyface models --task detect`).")
+    det_min_score: float | None = flag(None, "detector score threshold (default: the detector's own).")
+    hash_thr: int = flag(-1, "dedup pass 1: average-hash difference in bits (0: identical only; -1: off).")
+    enc_dup_thr: float = flag(-1, "dedup pass 2: cosine distance (0: identical only; -1: off); each "
+                                  "duplicate set keeps its largest, sharpest face.")
+    enc_area: str | None = flag(None, "\"x1 y1 x2 y2\" fractions of the face (box, or crop with --cropped) "
+                                      "to embed unaligned.")
+    batch_size: int = flag(32, "faces per encoder pass.")
+    overwrite: bool = flag(False, "replace an earlier tidyface group result in OUT.")
+
+    def check(self):
+        if not self.path:
+            raise UsageError("usage: tidyface group PATH --out DIR")
+        if not self.out:
+            raise UsageError("give --out DIR")
+        self.grouping(self.mode)
+        if self.mode == "classify" and not self.ref_dir:
+            raise UsageError("--mode classify needs --ref-dir (one subfolder of reference images per person)")
+        _score(self.det_min_score, "det_min_score")
+        _positive(self.batch_size, "batch_size")
+        self.enc_area = parse_area(self.enc_area)
+
+
+def parse_area(area) -> tuple[float, float, float, float] | None:
+    """--enc-area "x1 y1 x2 y2" (fractions of the face box) -> a 4-tuple, validated."""
+    if area is None or area == "":
+        return None
+    try:
+        vals = [float(v) for v in (area.replace(",", " ").split() if isinstance(area, str) else area)]
+    except (TypeError, ValueError):
+        vals = []
+    if len(vals) != 4 or not (0 <= vals[0] < vals[2] <= 1 and 0 <= vals[1] < vals[3] <= 1):
+        raise UsageError(f"--enc-area needs 4 fractions x1 y1 x2 y2 with 0<=x1<x2<=1, 0<=y1<y2<=1, "
+                         f"got {area!r}")
+    return tuple(vals)
+
+
+def parse_floats(value, n: int, name: str) -> tuple | None:
+    """`n` numbers from "a,b,..", "a b ..", or a sequence; None or "" -> None."""
+    if value is None or value == "":
+        return None
+    vals = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    try:
+        vals = tuple(float(x) for x in vals)
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag_name(name)} needs {n} numbers, got {value!r}") from None
+    if len(vals) != n:
+        raise UsageError(f"{flag_name(name)} needs {n} numbers, got {value!r}")
+    return vals
+
+
+def check_choice(value: str, choices: tuple, name: str) -> None:
+    if value not in choices:
+        raise UsageError(f"{flag_name(name)} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+
+
+@dataclass
+class Video2FacesOptions(GroupingFlags, Common):
+    input: str | None = flag(None, "a video, a folder of videos (see --input-ext) or a .txt list of paths.",
+                             positional=True)
+    out_dir: str | None = flag(None, "output folder (default: beside the input).")
+    out_prefix: str = flag("", "prefix of face file names [prefix][k_]FFFFFF_I.jpg.")
+    input_ext: str = flag("mkv;mp4", "extensions of the videos to take from a folder, ';'-separated.")
+    mode: str = flag("full", "full, detection (faces + manifest only) or grouping (re-group earlier detections).")
+    style: str = flag("live", "live or anime.")
+    video_step: float = flag(1.0, "seconds between sampled frames.")
+    video_fragment: str | None = flag(None, "START_MIN,END_MIN: only this part of each video, in minutes.")
+    video_area: str | None = flag(None, "X1,Y1,X2,Y2: only this rectangle of the frame, in pixels.")
+    video_reader: str = flag("opencv", "opencv or pyav.")
+    det_model: str | None = flag(None, "detector (default for live: retinaface_mnet025).")
+    det_batch_size: int = flag(4, "frames per detector pass.")
+    det_min_score: float = flag(0.4, "reject faces scoring below this.")
+    det_min_size: int = flag(50, "reject faces whose box is narrower or shorter than this (pixels).")
+    det_min_border: int = flag(5, "reject faces closer than this to a frame border (pixels).")
+    det_scale: str = flag("1.5,1.5,2.2,1.2", "SL,SR,SU,SD: how far each border of the saved crop moves "
+                                             "from the box centre.")
+    det_square: bool = flag(True, "make saved crops square (shifted, not shrunk, at frame borders).")
+    det_size: int | None = flag(640, "the detector sees frames shrunk to this longer side (0: full size).")
+    hash_thr: int = flag(8, "dedup pass 1: average-hash difference in bits (0: identical only; -1: off).")
+    enc_model: str | None = flag(None, "encoder (default for live: mobilefacenet).")
+    enc_batch_size: int = flag(16, "faces per encoder pass.")
+    enc_area: str | None = flag(None, "X1,Y1,X2,Y2 fractions of the face box to embed unaligned (default: align).")
+    enc_dup_thr: float = flag(0.25, "dedup pass 2: cosine distance between embeddings (0: identical; -1: off).")
+    group_mode: str = flag("auto", "auto, cluster or classify.")
+    save_frames: bool = flag(False, "write sampled frames with boxes (green kept, red rejected) to "
+                                    "intermediate/frames.")
+    save_rejects: bool = flag(False, "write rejected faces to intermediate/rejects and log_rejects.csv.")
+    save_dupes: bool = flag(False, "write duplicates to intermediate/dupes1|2 with log_dupes1|2.csv.")
+    overwrite: bool = flag(False, "replace the results of an earlier run in the output folder.")
+
+    LIVE_DEFAULTS: typing.ClassVar[dict] = {"det_model": "retinaface_mnet025", "enc_model": "mobilefacenet"}
+    # The anime models of a later issue: named so the refusal says exactly what is missing.
+    ANIME_MODELS: typing.ClassVar[dict] = {
+        "det_model": "faster_rcnn_anime (hysts/anime-face-detector, mmdet checkpoint)",
+        "enc_model": "vit_anime (animesion ViT-B/16 or L/16)"}
+
+    def check(self):
+        if not self.input:
+            raise UsageError("usage: tidyface video2faces VIDEO|FOLDER|LIST.txt [flags]")
+        check_choice(self.mode, ("full", "detection", "grouping"), "mode")
+        check_choice(self.style, ("live", "anime"), "style")
+        check_choice(self.video_reader, ("opencv", "pyav"), "video_reader")
+        if self.style == "anime" and self.mode != "grouping":
+            missing = [self.ANIME_MODELS[k] for k in ("det_model", "enc_model") if getattr(self, k) is None]
+            if missing:
+                raise UsageError("--style anime needs the anime face detector and encoder, whose weights are "
+                                 "not in tidyface yet: " + "; ".join(missing)
+                                 + " (pass --det-model/--enc-model to use other registered models)")
+        for k, v in self.LIVE_DEFAULTS.items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        if not self.video_step > 0:
+            raise UsageError(f"--video-step must be > 0 seconds, got {self.video_step}")
+        for name, n in (("video_fragment", 2), ("video_area", 4), ("det_scale", 4)):
+            setattr(self, name, parse_floats(getattr(self, name), n, name))
+        if self.video_area is not None:
+            self.video_area = tuple(int(round(a)) for a in self.video_area)
+        self.enc_area = parse_area(self.enc_area)
+        _positive(self.det_batch_size, "det_batch_size")
+        _positive(self.enc_batch_size, "enc_batch_size")
+        _positive(self.det_size, "det_size", 0)
+        self.grouping(self.group_mode)
+        if self.group_mode == "classify" and self.mode != "detection" and not self.ref_dir:
+            raise UsageError("--group-mode classify needs --ref-dir (one subfolder of reference images per person)")
+
+    # what a run's detection results depend on: resuming with other values is refused
+    DETECTION_KEYS: typing.ClassVar[tuple] = (
+        "style", "video_step", "video_fragment", "video_area", "det_model", "det_min_score", "det_min_size",
+        "det_min_border", "det_scale", "det_square", "det_size", "enc_model", "enc_area", "out_prefix")
+
+    def detection_signature(self) -> dict:
+        return {k: (list(v) if isinstance(v := getattr(self, k), tuple) else v) for k in self.DETECTION_KEYS}
+
+
+@dataclass
+class ModelsOptions(Options):
+    task: str | None = flag(None, "only models of this task (detect, landmarks, embed, parse, enhance).")
+    weights_dir: str | None = flag(None, "also look for upstream files in this folder (like TIDYFACE_MIRROR).")

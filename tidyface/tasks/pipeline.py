@@ -1,0 +1,393 @@
+"""The face pipeline: detect -> (landmarks) -> align/crop -> (enhance) -> (parse) -> embed ->
+dedup -> group, each step one function over a batch of faces.
+
+`crop`, `embed`, `group` and `video2faces` are arrangements of these steps between a source
+(images, video frames) and a sink (files, tables). Steps take models through their protocols
+(models/base.py) and settings as arguments; no step holds state.
+
+Geometry facts: the similarity fit, templates and face-factor definition are ops/align.py's; the
+bbox crop is DECA's (yfeng95/DECA decalib/datasets/datasets.py, `bbox2point` and the 3-corner
+similarity onto [0, res-1]): for landmark boxes the square has side scale * 1.1 * (w + h)/2,
+centred on the box; for a detector box, side scale * (w + h)/2, centred 0.12 * (w + h)/2 below
+the box centre.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..models.base import PreparedImage, model_device
+from ..ops.align import FACE_SPAN, umeyama, warp
+from ..types import Detections, Faces, FaceTable
+from . import dedup as dd
+from . import grouping as gp
+
+DECA_BBOX_SCALE = 1.25
+DECA_LANDMARK_ENLARGE = 1.1  # bbox2point, type 'kpt68'
+DECA_DETECTOR_SHIFT = 0.12  # bbox2point, type 'bbox': centre moved down by this * (w + h)/2
+
+
+# ----------------------------------------------------------------------------- detect
+
+def detect_stream(frames: Iterable[tuple[object, np.ndarray]], detector, *,
+                  min_score: float | None = None, max_size: int | None = None,
+                  batch_size: int = 8) -> Iterator[tuple[object, np.ndarray, Detections]]:
+    """Detect faces in a stream of (key, RGB uint8 image), batching consecutive images that the
+    detector prepares to one size. Yields (key, image, Detections on the CPU, image_index 0,
+    in the image's pixels) in input order."""
+    pending: list[tuple[object, np.ndarray, PreparedImage]] = []
+
+    def flush():
+        dets = detector.detect_prepared([p for _, _, p in pending], min_score=min_score).to("cpu")
+        for i, (key, im, _) in enumerate(pending):
+            yield key, im, dets.for_image(i).shift_images(-i)
+        pending.clear()
+
+    for key, im in frames:
+        prepared = detector.prepare(im, max_size)
+        if pending and (prepared.pixels.shape != pending[0][2].pixels.shape or len(pending) >= batch_size):
+            yield from flush()
+        pending.append((key, im, prepared))
+    if pending:
+        yield from flush()
+
+
+# ----------------------------------------------------------------------------- crop geometry
+
+def box_face_matrices(boxes: Tensor, face_square: Tensor) -> Tensor:
+    """(N,3,3) float64 for faces without alignment points: the square of side (w + h)/2 on each
+    box's centre maps onto `face_square` (cx, cy, side) in the crop, no rotation."""
+    b = boxes.to(torch.float64)
+    side = ((b[:, 2:] - b[:, :2]).sum(1) / 2).clamp(min=1e-6)
+    centre = (b[:, :2] + b[:, 2:]) / 2
+    s = float(face_square[2]) / side
+    out = torch.zeros(len(b), 3, 3, dtype=torch.float64, device=b.device)
+    out[:, 0, 0], out[:, 1, 1], out[:, 2, 2] = s, s, 1
+    out[:, 0, 2] = float(face_square[0]) - s * centre[:, 0]
+    out[:, 1, 2] = float(face_square[1]) - s * centre[:, 1]
+    return out
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Crops of `size` (w, h) whose 5 alignment points land on `points` (5,2) (a template for
+    that size, ops.align.template_for): a least-squares similarity, or an affine with
+    allow_skew. A face without points (a detector that gives none) is framed by its box
+    instead: the box's square maps onto the template's face square (FACE_SPAN times the
+    larger side of the points' extent, on their centre)."""
+
+    size: tuple[int, int]
+    points: Tensor
+    allow_skew: bool = False
+
+    def matrices(self, dets: Detections) -> Tensor:
+        dev = dets.boxes.device
+        out = torch.zeros(len(dets), 3, 3, dtype=torch.float64, device=dev)
+        five = dets.five_points()
+        has = torch.zeros(len(dets), dtype=torch.bool, device=dev) if five is None else \
+            torch.isfinite(five).flatten(1).all(1)
+        if bool(has.any()):
+            out[has] = umeyama(five[has].to(torch.float64), self.points.to(dev), self.allow_skew)
+        if not bool(has.all()):
+            lo, hi = self.points.amin(0), self.points.amax(0)
+            square = torch.cat([(lo + hi) / 2, (hi - lo).max().reshape(1) * FACE_SPAN])
+            out[~has] = box_face_matrices(dets.boxes[~has], square)
+        return out
+
+
+@dataclass(frozen=True)
+class BoxSquare:
+    """DECA's square crop of `size` (no rotation). from_landmarks: per face (or for all),
+    whether its box is the bounding box of landmarks (enlarged by 1.1) or a detector's box
+    (moved down by 0.12 of its mean side). The square's corners land on output pixel centres
+    0 and res - 1 (DECA's DST_PTS); for a non-square output, on the shorter side, centred."""
+
+    size: tuple[int, int]
+    scale: float = DECA_BBOX_SCALE
+    from_landmarks: Tensor | bool = False
+
+    def matrices(self, dets: Detections) -> Tensor:
+        b = dets.boxes.to(torch.float64)
+        n = b.shape[0]
+        lm = torch.as_tensor(self.from_landmarks, dtype=torch.bool, device=b.device).expand(n)
+        base = (b[:, 2:] - b[:, :2]).sum(1) / 2
+        centre = (b[:, :2] + b[:, 2:]) / 2
+        centre[:, 1] += torch.where(lm, 0.0, DECA_DETECTOR_SHIFT * base)
+        side = self.scale * base * torch.where(lm, DECA_LANDMARK_ENLARGE, 1.0)
+        if n and not bool((side > 0).all()):
+            raise ValueError("bbox crop: a face box has no extent")
+        w, h = self.size
+        square = torch.tensor([(w - 1) / 2, (h - 1) / 2, min(w, h) - 1], dtype=torch.float64)
+        out = box_face_matrices(torch.cat([centre - side[:, None] / 2, centre + side[:, None] / 2], 1), square)
+        return out
+
+
+@dataclass(frozen=True)
+class BoxArea:
+    """The `area` fractions (x1, y1, x2, y2) of each face box stretched onto `size`: the
+    unaligned input that video-to-faces tools feed their encoders."""
+
+    size: tuple[int, int]
+    area: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+
+    def matrices(self, dets: Detections) -> Tensor:
+        x1, y1, x2, y2 = self.area
+        b = dets.boxes.to(torch.float64)
+        w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+        left, top = b[:, 0] + x1 * w, b[:, 1] + y1 * h
+        sx = self.size[0] / ((x2 - x1) * w).clamp(min=1e-6)
+        sy = self.size[1] / ((y2 - y1) * h).clamp(min=1e-6)
+        m = torch.zeros(len(b), 3, 3, dtype=torch.float64, device=b.device)
+        # pixel-centre convention: source edge (left - 0.5) lands on crop edge -0.5
+        m[:, 0, 0], m[:, 1, 1], m[:, 2, 2] = sx, sy, 1
+        m[:, 0, 2] = -(left - 0.5) * sx - 0.5
+        m[:, 1, 2] = -(top - 0.5) * sy - 0.5
+        return m
+
+
+Geometry = Alignment | BoxSquare | BoxArea
+
+
+# ----------------------------------------------------------------------------- align / crop
+
+def as_chw(image: np.ndarray | Tensor, device=None) -> Tensor:
+    """An RGB image (h,w,3) numpy (a view, no copy) or (3,h,w) tensor -> (3,h,w) tensor on device."""
+    t = torch.from_numpy(image).permute(2, 0, 1) if isinstance(image, np.ndarray) else image
+    return t if device is None else t.to(device)
+
+
+def cut(images: Sequence[Tensor], mats: Tensor, image_index: Tensor, size: tuple[int, int],
+        padding: str = "replicate", fill: float | Sequence[float] = 0.0) -> Tensor:
+    """Crops (N,3,h,w) float32 through image->crop `mats` of the (3,H,W) `images` (any sizes,
+    one device): one warp call per image size when faces are spread evenly over those images,
+    else one per image (a batched call samples max-faces-per-image slots for every image, and
+    a single 8-bit image converts only the crops' footprint)."""
+    n = len(mats)
+    if n == 0:
+        return torch.zeros(0, 3, size[1], size[0], device=images[0].device if images else "cpu")
+    idx = image_index.cpu()
+    counts = torch.bincount(idx, minlength=len(images))
+    by_shape: dict[tuple, list[int]] = {}
+    for i in torch.nonzero(counts).flatten().tolist():
+        by_shape.setdefault(tuple(images[i].shape), []).append(i)
+    out = None
+    for members in by_shape.values():
+        calls = [members] if int(counts[members].max()) * len(members) <= 1.5 * int(counts[members].sum()) \
+            else [[i] for i in members]
+        for group in calls:
+            rows = torch.nonzero(torch.isin(idx, torch.tensor(group))).flatten()
+            local = torch.searchsorted(torch.tensor(group), idx[rows])
+            pixels = torch.stack([images[i] for i in group]) if len(group) > 1 else images[group[0]][None]
+            crops = warp(pixels, mats[rows.to(mats.device)], local, size, padding, fill)
+            if out is None:
+                out = crops.new_empty(n, *crops.shape[1:])
+            out[rows.to(out.device)] = crops
+    return out
+
+
+def align(images: Sequence[Tensor], dets: Detections, geometry: Geometry, padding: str = "replicate",
+          fill: float | Sequence[float] = 0.0) -> Faces:
+    """The align/crop step: Faces cut from `images` (dets.image_index indexes them) by
+    `geometry`, with their image->crop matrices. Every task crops through this one function."""
+    if len(dets) == 0:
+        dev = images[0].device if images else "cpu"
+        return Faces(torch.zeros(0, 3, geometry.size[1], geometry.size[0], device=dev),
+                     torch.zeros(0, 3, 3, dtype=torch.float64, device=dev), dets.to(dev))
+    dev = images[0].device
+    mats = geometry.matrices(dets.to(dev))
+    crops = cut(images, mats, dets.image_index, geometry.size, padding, fill)
+    return Faces(crops, mats, dets.to(dev))
+
+
+def slice_boxes(boxes: Tensor, w: int, h: int, scale: Sequence[float], square: bool) -> Tensor:
+    """Integer crop boxes (N,4) for pictures cut straight from the frame (no resampling): each
+    border moved from the box centre by its factor (left, right, up, down); with square, the
+    shorter side grows to the longer one, and at frame borders the box is shifted back inside,
+    never shrunk, unless it is larger than the frame."""
+    sl, sr, su, sd = scale
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    xc, yc = boxes[:, 0] + bw / 2, boxes[:, 1] + bh / 2
+    x1, x2 = xc - sl * bw / 2, xc + sr * bw / 2
+    y1, y2 = yc - su * bh / 2, yc + sd * bh / 2
+    if square:
+        side = torch.maximum(x2 - x1, y2 - y1)
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        x1, x2, y1, y2 = cx - side / 2, cx + side / 2, cy - side / 2, cy + side / 2
+        dx = (-x1).clamp(min=0) - (x2 - w).clamp(min=0)
+        dy = (-y1).clamp(min=0) - (y2 - h).clamp(min=0)
+        x1, x2, y1, y2 = x1 + dx, x2 + dx, y1 + dy, y2 + dy
+    out = torch.stack([x1.floor(), y1.floor(), x2.ceil(), y2.ceil()], 1)
+    out[:, 0::2] = out[:, 0::2].clamp(0, w)
+    out[:, 1::2] = out[:, 1::2].clamp(0, h)
+    return out.long()
+
+
+def slice_matrices(slices: Tensor) -> Tensor:
+    """(N,3,3) image -> picture matrices of integer slices (N,4): pure translations."""
+    m = torch.eye(3, dtype=torch.float64).repeat(len(slices), 1, 1)
+    m[:, 0, 2] = -slices[:, 0].double()
+    m[:, 1, 2] = -slices[:, 1].double()
+    return m
+
+
+# ----------------------------------------------------------------------------- embed
+
+def encoder_geometry(encoder, area: Sequence[float] | None = None) -> Geometry:
+    """The crops an encoder's weights expect (spec.meta): aligned onto its template, or with
+    `area` the box region stretched to its input size."""
+    from ..ops.align import template_for
+
+    meta = encoder.spec.meta
+    size = tuple(meta.input_size)
+    if area is not None:
+        return BoxArea(size, tuple(area))
+    return Alignment(size, template_for(size, meta.template or "arcface", meta.face_factor))
+
+
+@torch.inference_mode()
+def encode(encoder, crops: Tensor, batch_size: int = 32) -> Tensor:
+    """(N,3,S,S) RGB 0..255 crops -> (N,D) L2-normalised embeddings, in chunks of batch_size."""
+    if len(crops) == 0:
+        return crops.new_zeros(0, encoder.spec.meta.embedding_dim)
+    crops = crops.contiguous(memory_format=torch.channels_last)
+    if not crops.is_floating_point():
+        crops = crops.float()
+    return torch.cat([encoder.embed(crops[i:i + batch_size]) for i in range(0, len(crops), batch_size)])
+
+
+def embed(encoder, faces: Faces, batch_size: int = 32) -> Faces:
+    """The embed step: Faces whose crops the encoder takes -> the same Faces with embeddings."""
+    return replace(faces, embeddings=encode(encoder, faces.crops, batch_size))
+
+
+# ----------------------------------------------------------------------------- dedup and group
+
+def to_uint8(crops: Tensor) -> Tensor:
+    """Float crops 0..255 -> uint8, rounded (half up)."""
+    return crops if crops.dtype == torch.uint8 else crops.clamp(0, 255).add(0.5).to(torch.uint8)
+
+
+def describe(faces: Faces) -> Faces:
+    """The measures dedup needs, from the crops: 64-bit average hashes, and quality = box area x
+    (sharpness + 1) (the face of a duplicate set that is kept)."""
+    pixels = to_uint8(faces.crops)
+    b = faces.detections.boxes.to(pixels.device, torch.float64)
+    area = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).clamp(min=1)
+    quality = area * (dd.sharpness(pixels).to(area) + 1)
+    return replace(faces, hashes=dd.average_hash(pixels), quality=quality)
+
+
+@dataclass
+class DedupOutcome:
+    keep: np.ndarray  # (N,) bool
+    logs: dict[int, list[dict]]  # pass (1: hash, 2: embedding) -> one row per dropped face
+
+
+def dedup(table: FaceTable, hash_thr: int = -1, enc_dup_thr: float = -1,
+          fill_embeddings: Callable[[FaceTable, np.ndarray], None] | None = None) -> DedupOutcome:
+    """The dedup step: the cheap hash pass over all faces, then the embedding pass over what
+    survived it; each duplicate set keeps its best-quality face. fill_embeddings(table, needed)
+    is called between the passes for tables whose embeddings were deferred (NaN rows)."""
+    n = len(table)
+    keep = np.ones(n, bool)
+    logs: dict[int, list[dict]] = {}
+    names = [str(v) for v in table.name]
+    if n and hash_thr != -1:
+        r = dd.hash_duplicates(torch.from_numpy(table.hash), table.quality, hash_thr)
+        keep &= r.keep
+        logs[1] = dd.dedup_log_rows(r, names)
+    if fill_embeddings is not None:
+        fill_embeddings(table, keep)
+    if keep.any() and enc_dup_thr != -1:
+        idx = np.flatnonzero(keep)
+        r = dd.embedding_duplicates(torch.from_numpy(table.embeddings[idx]), table.quality[idx], enc_dup_thr)
+        keep[idx[~r.keep]] = False
+        logs[2] = dd.dedup_log_rows(r, [names[i] for i in idx])
+    return DedupOutcome(keep, logs)
+
+
+GROUP_MODES = ("auto", "cluster", "classify")
+
+
+@dataclass(frozen=True)
+class GroupOptions:
+    """How faces are grouped. mode: auto (average-linkage threshold, no k), cluster (KMeans, k
+    chosen by silhouette over `clusters`) or classify (nearest reference person)."""
+
+    mode: str = "auto"
+    clusters: str = "2-9"
+    clusters_save_all: bool = False
+    random_state: int = 0
+    auto_thr: float | None = None
+    enc_oth_thr: float = -1
+
+    def check(self) -> "GroupOptions":
+        if self.mode not in GROUP_MODES:
+            raise ValueError(f"grouping mode must be auto, cluster or classify, got {self.mode!r}")
+        if self.mode == "cluster":
+            gp.parse_clusters(self.clusters)
+        return self
+
+
+def group(embeddings: Tensor, options: GroupOptions, encoder_spec=None,
+          references: Callable[[], tuple[Tensor, list[str]]] | None = None) -> gp.Grouping:
+    """The group step over L2-normalised embeddings. auto mode's threshold defaults to the
+    encoder's (spec.defaults.group_threshold); classify calls references() for the people's
+    embeddings and names."""
+    if options.mode == "cluster":
+        return gp.cluster(embeddings, options.clusters, random_state=options.random_state,
+                          save_all=options.clusters_save_all)
+    if options.mode == "auto":
+        thr = options.auto_thr
+        if thr is None and encoder_spec is not None:
+            thr = encoder_spec.defaults.group_threshold
+        return gp.auto(embeddings, gp.AUTO_THRESHOLD if thr is None else thr)
+    ref_emb, ref_labels = references()
+    return gp.classify(embeddings, ref_emb, ref_labels, options.enc_oth_thr)
+
+
+def reference_embeddings(ref_dir: Path, encoder, detector, *, min_score=None, area=None,
+                         batch_size: int = 32) -> tuple[Tensor, list[str]]:
+    """One embedding per reference image, labelled by its subfolder: its largest face, or the
+    whole image when no face is found (the reference is already a crop)."""
+    from ..errors import InputError
+    from ..ops.image import expand_paths, read_image
+
+    classes = sorted(d for d in ref_dir.iterdir() if d.is_dir())
+    if not classes:
+        raise InputError(f"{ref_dir}: no class subfolders; --ref-dir needs one folder per person "
+                         "holding one or more reference images")
+    images = []
+    for c in classes:
+        for p in expand_paths([c]):
+            try:
+                images.append((c.name, read_image(p)))
+            except ValueError as e:
+                from .common import warn
+
+                warn(str(e))
+    labels, embs = [], []
+    dev = model_device(encoder)
+    geometry = encoder_geometry(encoder, area)
+    whole = BoxArea(geometry.size, tuple(area) if area else (0.0, 0.0, 1.0, 1.0))
+    for label, img, det in detect_stream(images, detector, min_score=min_score, batch_size=1):
+        g = geometry
+        if len(det):
+            b = det.boxes
+            det = det.select(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).argmax().reshape(1))
+        else:  # no face found: the reference is a crop already, and all of it is the face
+            h, w = img.shape[:2]
+            det = Detections(torch.tensor([[0.0, 0.0, w, h]]), torch.ones(1), None, torch.zeros(1, dtype=torch.long))
+            g = whole
+        faces = align([as_chw(img, dev)], det, g)
+        embs.append(encode(encoder, faces.crops, batch_size).cpu())
+        labels.append(label)
+    missing = {c.name for c in classes} - set(labels)
+    if missing:
+        raise InputError(f"{ref_dir}: no readable reference image in {', '.join(sorted(missing))}")
+    return torch.cat(embs), labels
