@@ -210,5 +210,5 @@ def test_registered_variants_describe_their_inputs():
     for name in ("facenet_vggface2", "facenet_casia", "facenet_casia_tf"):
         spec = get(name).spec
         assert spec.task == "embed"
-        assert spec.preprocess["input_size"] == 160 and spec.preprocess["embedding_dim"] == 512
+        assert spec.meta.input_size == (160, 160) and spec.meta.embedding_dim == 512
         assert all(len(f.sha256) == 64 and f.size > 0 for f in spec.files)

@@ -89,7 +89,7 @@ def _detect(paths, o):
 def _crop(paths, o):
     from .tasks.crop import run_crop
 
-    _exit(run_crop(paths, o))
+    _exit(run_crop(paths, options=o))
 
 
 def _embed(paths, o):
@@ -101,7 +101,7 @@ def _embed(paths, o):
 def _group(_, o):
     from .tasks.group import run_group
 
-    run_group(o)
+    run_group(options=o)
 
 
 def _video2faces(_, o):

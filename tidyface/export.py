@@ -110,7 +110,9 @@ def onnx_session(path: str | os.PathLike):
 def run_onnx(path_or_session, x: Tensor | np.ndarray) -> list[np.ndarray]:
     """Run an exported graph on x (a tensor or array, cast to float32) -> its outputs, in order.
     Pass a session from `onnx_session` to run one graph many times without reloading it."""
-    session = onnx_session(path_or_session) if isinstance(path_or_session, (str, os.PathLike)) else path_or_session
+    session = path_or_session
+    if isinstance(session, (str, os.PathLike)):
+        session = onnx_session(session)
     if isinstance(x, Tensor):
         x = x.detach().cpu().numpy()
     return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)})

@@ -268,8 +268,8 @@ def embed(encoder, faces: Faces, batch_size: int = 32) -> Faces:
 # ----------------------------------------------------------------------------- dedup and group
 
 def to_uint8(crops: Tensor) -> Tensor:
-    """Float crops 0..255 -> uint8, rounded (half up)."""
-    return crops if crops.dtype == torch.uint8 else crops.clamp(0, 255).add(0.5).to(torch.uint8)
+    """Float crops 0..255 -> uint8, rounded to nearest."""
+    return crops if crops.dtype == torch.uint8 else crops.round().clamp(0, 255).to(torch.uint8)
 
 
 def describe(faces: Faces) -> Faces:
