@@ -5,6 +5,12 @@
 Frames are read once from shared/media/simplefr_video_with_identity_db/Video_2.mp4 (1280x720),
 one per second; every timing is the median over those frames of ms per frame, after a warm-up,
 the lower of --rounds interleaved rounds.
+
+Models come as `load_model` builds them, and are called through the Detector protocol
+(tidyface/models/base.py) with keyword settings: `detect(batch, max_size=...)` on 8-bit tensor
+batches (max_size 0: full resolution; None: the weights' default), and for RetinaFace also
+`prepare` + `detect_prepared`, the path video2faces takes (there `prepare` runs on the decoder's
+thread; here it is timed with the detector).
 """
 from __future__ import annotations
 
@@ -100,13 +106,22 @@ def main():
 
     try:
         from facexlib.detection.retinaface import RetinaFace as RefRetina  # noqa: F401
+
+        from tidyface.options import Video2FacesOptions
+
         rf = load_model("retinaface_mnet025")
-        DEFAULT_MAX_SIZE = 640  # what video2faces uses (--det-size); the library default is 1280 = full 720p
-        for size, label in ((None, "full 720p"), (DEFAULT_MAX_SIZE, f"max side {DEFAULT_MAX_SIZE}")):
+        video_size = Video2FacesOptions.det_size  # what video2faces uses (--det-size, 640)
+        # max_size 0 = full resolution (the weights' default, rf.spec.defaults.max_size = 1280, is
+        # full 720p too)
+        for size, label in ((0, "full 720p"), (video_size, f"max side {video_size}")):
             for b in (1, 8):
                 o, om = per_frame_ms(lambda fs: rf.detect(to_tensor_batch(fs, dtype=torch.uint8), max_size=size),
                                      frames, b)
                 rows.append((f"RetinaFace mnet0.25 {label}, batch {b}", "", f"{o:.0f} ({om:.0f})", ""))
+        for b in (1, 8):
+            o, om = per_frame_ms(lambda fs: rf.detect_prepared([rf.prepare(f, video_size) for f in fs]), frames, b)
+            rows.append((f"RetinaFace mnet0.25 prepare + detect_prepared at {video_size}, batch {b}", "",
+                         f"{o:.0f} ({om:.0f})", ""))
     except Exception as e:  # report, do not hide, why a row is missing
         print(f"RetinaFace rows skipped: {e.__class__.__name__}: {e}")
 

@@ -1,7 +1,14 @@
 """Embedding throughput on CPU, batch 32: tidyface FaceNet vs facenet-pytorch's
-InceptionResnetV1 (same converted weights), and MobileFaceNet.
+InceptionResnetV1 (same architecture; the reference's weights are left random, which does not
+change its speed), and MobileFaceNet.
 
     python benchmarks/bench_embed.py [--threads 2] [--rounds 5]
+
+"As loaded" is `load_model` (BatchNorm separate, channel-first) calling `embed`; "inference-ready"
+is what the tasks run: the model from the ModelCache (BatchNorm folded, channels-last) through
+`tidyface.tasks.pipeline.encode` (channels-last input, chunks of 32). Each encoder gets crops of
+its own input size (`spec.meta.input_size`): the 160x160 aligned crops of
+shared/media/facenet_pytorch, area-resized for smaller inputs.
 """
 from __future__ import annotations
 
@@ -36,26 +43,31 @@ def main():
     refshim.install()
     from facenet_pytorch import InceptionResnetV1
 
+    from tidyface.cache import ModelCache
     from tidyface.ops.image import read_image
-    from tidyface.tasks.common import cached_model
+    from tidyface.tasks.pipeline import encode
     from tidyface.weights import load_model
 
     crops = sorted((SHARED / "media/facenet_pytorch/test_images_aligned").rglob("*.*"))
     imgs = [read_image(p) for p in crops]
     x160 = torch.from_numpy(np.stack([imgs[i % len(imgs)] for i in range(32)])).permute(0, 3, 1, 2).float()
-    x112 = torch.nn.functional.interpolate(x160, size=(112, 112), mode="area")
+    cache = ModelCache()
 
-    ours = load_model("facenet_casia_tf")
+    def crops_for(enc):
+        w, h = enc.spec.meta.input_size
+        return x160 if (w, h) == (160, 160) else torch.nn.functional.interpolate(x160, size=(h, w), mode="area")
+
     ref = InceptionResnetV1(pretrained=None, classify=False).eval()
-    rows = [
-        ("facenet-pytorch InceptionResnetV1 (reference)", faces_per_s(lambda x: ref((x - 127.5) / 128), x160, args.rounds)),
-        ("tidyface facenet_casia_tf, as loaded", faces_per_s(ours.embed, x160, args.rounds)),
-        ("tidyface facenet_casia_tf, inference-ready (tasks)", faces_per_s(cached_model("facenet_casia_tf", "cpu").embed,
-                                                                          x160.contiguous(memory_format=torch.channels_last), args.rounds)),
-        ("tidyface mobilefacenet, as loaded", faces_per_s(load_model("mobilefacenet").embed, x112, args.rounds)),
-        ("tidyface mobilefacenet, inference-ready (tasks)", faces_per_s(cached_model("mobilefacenet", "cpu").embed,
-                                                                       x112.contiguous(memory_format=torch.channels_last), args.rounds)),
-    ]
+    rows = [("facenet-pytorch InceptionResnetV1 (reference)",
+             faces_per_s(lambda x: ref((x - 127.5) / 128), x160, args.rounds))]
+    for name in ("facenet_casia_tf", "mobilefacenet"):
+        loaded, ready = load_model(name), cache.get(name, "cpu")
+        x = crops_for(ready)
+        w, h = ready.spec.meta.input_size
+        dim = ready.spec.meta.embedding_dim
+        rows.append((f"tidyface {name} ({w}x{h} -> {dim}-d), as loaded", faces_per_s(loaded.embed, x, args.rounds)))
+        rows.append((f"tidyface {name} ({w}x{h} -> {dim}-d), inference-ready (tasks)",
+                     faces_per_s(lambda c: encode(ready, c, 32), x, args.rounds)))
     print(f"\nbatch 32, CPU, torch threads {args.threads}, median of {args.rounds}")
     print("| encoder | faces/s |\n|---|---|")
     for name, v in rows:

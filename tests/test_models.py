@@ -1,0 +1,129 @@
+"""Every registered model (built-ins and plugins), from one parametrised file, as timm's
+test_models does: it builds, implements its task's protocol, its spec is valid and true to the
+built model (parameter count, embedding size, landmarks, classes), its converter gives exactly
+the model's keys and shapes, and its batched call returns the documented shapes.
+
+ONNX export of every forward graph is tests/test_onnx.py.
+"""
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from tidyface.models.base import PROTOCOLS
+from tidyface.registry import TASKS, list_models
+from tidyface.weights import is_available, load_model, load_state_dict, resolve_file
+
+ENTRIES = {e.spec.name: e for e in list_models()}
+NAMES = sorted(ENTRIES)
+
+
+def _facenet_pytorch_checkpoint(path):
+    import refshim
+
+    refshim.install()
+    from facenet_pytorch import InceptionResnetV1
+
+    state = dict(InceptionResnetV1(pretrained=None, classify=False).state_dict())
+    state["logits.weight"], state["logits.bias"] = torch.randn(7, 512), torch.randn(7)
+    torch.save(state, path)
+
+
+def _retinaface_r50_checkpoint(path):
+    import sys
+
+    import refshim
+
+    refshim.install()
+    tv_models = sys.modules["torchvision.models"]
+    from tidyface.models.retinaface import ResNet50Body
+
+    tv_models.resnet50 = getattr(tv_models, "resnet50", lambda pretrained=False: ResNet50Body())
+    from facexlib.detection.retinaface import RetinaFace
+
+    ref = RetinaFace(network_name="resnet50", half=False, phase="train", device="cpu")
+    torch.save({"module." + k: v for k, v in ref.state_dict().items()}, path)
+
+
+# Upstream files that ../shared does not carry, written in their upstream layout by the
+# reference implementation (random weights), so their converters are tested all the same.
+STAND_INS = {"facenet_vggface2": _facenet_pytorch_checkpoint, "facenet_casia": _facenet_pytorch_checkpoint,
+             "retinaface_r50": _retinaface_r50_checkpoint}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_spec_is_valid(name):
+    spec = ENTRIES[name].spec
+    assert re.fullmatch(r"[a-z0-9_]+", spec.name) and spec.task in TASKS
+    assert spec.files and spec.license and spec.origin and callable(spec.converter)
+    for f in spec.files:
+        assert re.fullmatch(r"[0-9a-f]{64}", f.sha256) and f.size > 0 and (f.urls or f.pypi)
+    meta = spec.meta
+    assert meta.num_params and meta.colour in ("RGB", "BGR") and len(meta.mean) == len(meta.std) == 3
+    if spec.task == "detect":
+        assert spec.defaults.min_score is not None and 0 < spec.defaults.min_score < 1
+    if spec.task == "embed":
+        assert meta.input_size and meta.embedding_dim and meta.template
+        assert spec.defaults.group_threshold is not None
+    if spec.task == "parse":
+        assert meta.input_size and meta.class_names
+    if spec.task == "enhance":
+        assert meta.scale and meta.scale >= 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_builds_and_matches_its_spec(name):
+    model = load_model(name, pretrained=False)
+    assert isinstance(model, PROTOCOLS[model.spec.task])
+    assert sum(p.numel() for p in model.parameters()) == model.spec.meta.num_params
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_converter_gives_the_models_keys_and_shapes(name, tmp_path):
+    spec = ENTRIES[name].spec
+    if is_available(spec):
+        paths = {f.filename: resolve_file(f, spec) for f in spec.files}
+    elif name in STAND_INS:
+        paths = {f.filename: tmp_path / f.filename for f in spec.files}
+        for p in paths.values():
+            STAND_INS[name](p)
+    else:
+        pytest.fail(f"{name}: its upstream file is not in ../shared and has no stand-in in STAND_INS")
+    state = spec.converter(paths)
+    with torch.device("meta"):
+        want = {k: v.shape for k, v in ENTRIES[name].builder().state_dict().items()}
+    assert {k: v.shape for k, v in state.items()} == want
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batched_call_has_the_documented_shapes(name):
+    torch.manual_seed(0)
+    available = is_available(ENTRIES[name].spec)
+    model = load_model(name, pretrained=available)  # real weights where here: real detections
+    meta = model.spec.meta
+    if model.spec.task == "detect":
+        from tidyface.ops.image import read_image
+
+        from conftest import MEDIA
+
+        image = read_image(MEDIA / "skimage/astronaut.png") if available else \
+            np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+        batch = torch.from_numpy(np.stack([image, image])).permute(0, 3, 1, 2)
+        dets = model.detect(batch, min_score=0.5 if available else 0.0)
+        n = len(dets)
+        assert dets.boxes.shape == (n, 4) and dets.scores.shape == (n,) and dets.image_index.shape == (n,)
+        if meta.num_landmarks:
+            assert dets.landmarks.shape == (n, meta.num_landmarks, 2)
+        if available:  # one face per copy, in the image's pixels
+            assert torch.bincount(dets.image_index, minlength=2).tolist() == [1, 1]
+            prepared = [model.prepare(image, 320)] * 2
+            again = model.detect_prepared(prepared)  # shrunk, then mapped back to the original
+            assert len(again) == 2 and (again.boxes - dets.boxes).abs().max() < 0.1 * image.shape[0]
+    elif model.spec.task == "embed":
+        w, h = meta.input_size
+        emb = model.embed(torch.rand(3, 3, h, w) * 255)
+        assert emb.shape == (3, meta.embedding_dim)
+        torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
+    else:
+        pytest.fail(f"no shape check for task {model.spec.task!r} yet: add one here")
