@@ -30,3 +30,20 @@ def _weights_env(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+# The three test layers (DESIGN.md), each runnable alone: `pytest -m unit`, `-m parity`, `-m realdata`.
+PARITY = {"test_facenet", "test_mtcnn", "test_retinaface", "test_mobilefacenet", "test_onnx", "test_fuse"}
+REAL_DATA = {"test_video2faces", "test_group", "test_verification", "test_detect", "test_plugin"}
+REAL_DATA_FIXTURES = {"real_run", "video2_run"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in PARITY:
+            item.add_marker(pytest.mark.parity)
+        elif module in REAL_DATA or REAL_DATA_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.realdata)
+        else:
+            item.add_marker(pytest.mark.unit)

@@ -250,3 +250,25 @@ def test_inspection_outputs(tmp_path):
     video_to_faces(str(video), **{**kw, "mode": "grouping"})
     assert len(list(csv.DictReader(open(out / "intermediate/log_dupes1.csv")))) == len(dupes)
     assert (out / "log_grouping.csv").is_file()
+
+
+def test_every_saved_face_carries_its_crop_matrix(video2_run):
+    """read_faces gives the run's face table; each face's 3x3 matrix takes its frame to its
+    saved picture, so the picture moves back into the frame exactly where it was cut."""
+    from tidyface import read_faces, uncrop
+    from tidyface.ops.video import VideoReader
+
+    out, summary, _ = video2_run
+    table = read_faces(out)
+    assert len(table) == summary["faces"] and table.crop_mat.shape == (len(table), 3, 3)
+    wanted = {int(table.frame[i]): i for i in range(0, len(table), max(1, len(table) // 4))}
+    with VideoReader(VIDEO2) as reader:
+        for f in reader:
+            if f.index in wanted:
+                i = wanted.pop(f.index)
+                pic = cv2.cvtColor(cv2.imread(str(out / "faces" / table.name[i])), cv2.COLOR_BGR2RGB)
+                back, inside = uncrop(pic, table.crop_mat[i], f.image.shape[1::-1])
+                assert inside.sum() == pic.shape[0] * pic.shape[1]
+                diff = np.abs(back.astype(int) - f.image.astype(int))[inside].mean()
+                assert diff < 4, diff  # JPEG noise only
+    assert not wanted

@@ -8,9 +8,12 @@ from .registry import list_models  # noqa: E402  (light: no torch)
 # name -> module that defines it; torch-heavy parts load on first use, keeping `import tidyface` cheap
 _LAZY = {
     "load_model": "weights", "WeightsError": "weights",
-    "Detections": "types", "Faces": "types",
+    "Detections": "types", "Faces": "types", "FaceTable": "types", "read_faces": "results",
+    "ModelCache": "cache", "TidyfaceError": "errors",
+    "Detector": "models.base", "Landmarker": "models.base", "Encoder": "models.base", "Parser": "models.base",
+    "Enhancer": "models.base",
     "detect": "tasks.detect",
-    "embed": "tasks.embed", "FaceTable": "tasks.embed",
+    "embed": "tasks.embed",
     "group": "tasks.group:run_group",
     "Cropper": "tasks.crop", "crop": "tasks.crop", "uncrop": "tasks.crop", "paste_back": "tasks.crop",
     "video_to_faces": "tasks.video2faces",

@@ -49,6 +49,21 @@ class PNet(nn.Module):
         return F.linear(features[image, :, row, col], self.box_offsets.weight.flatten(1), self.box_offsets.bias)
 
 
+class PNetGraph(nn.Module):
+    """P-Net as one exportable graph: face probability and box offsets (B,4,h,w) at every cell
+    (the eager cascade computes offsets only at candidate cells, see PNet.offsets_at)."""
+
+    onnx_outputs = ("prob", "offsets")
+
+    def __init__(self, pnet: PNet):
+        super().__init__()
+        self.pnet = pnet
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        prob, features = self.pnet(x)
+        return prob, self.pnet.box_offsets(features)
+
+
 class RNet(nn.Module):
     """Refinement net on 24x24 crops."""
 
@@ -258,7 +273,7 @@ class MTCNN(nn.Module, Detector):
 
     def export_graphs(self) -> dict[str, tuple[nn.Module, Tensor]]:
         """The three nets, the forward graphs of the cascade, at their input sizes."""
-        return {"pnet": (self.pnet, torch.randn(2, 3, 64, 80)), "rnet": (self.rnet, torch.randn(4, 3, 24, 24)),
+        return {"pnet": (PNetGraph(self.pnet), torch.randn(2, 3, 64, 80)), "rnet": (self.rnet, torch.randn(4, 3, 24, 24)),
                 "onet": (self.onet, torch.randn(4, 3, 48, 48))}
 
     @torch.inference_mode()

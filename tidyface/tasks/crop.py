@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -664,6 +664,54 @@ def _preview(items: Sequence, n: int = 3) -> str:
     return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
+@dataclass
+class CropSink:
+    """Where a crop run's results go: the crop images (written on 2 threads: encoding releases
+    the GIL), a journal of their records fsynced per batch (so a killed run stays readable),
+    and at the end crops.json and the lists of images without faces or unreadable."""
+
+    out: Path
+    stems: dict
+    ext: str
+    suffixed: bool  # strategy all: name_0, name_1, ...
+    records: dict = field(default_factory=dict)
+    no_faces: list = field(default_factory=list)
+    images: int = 0
+
+    def __enter__(self) -> "CropSink":
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._journal = open(self.out / JOURNAL, "a", encoding="utf-8")
+        self._pool = ThreadPoolExecutor(2)
+        return self
+
+    def add(self, batch: CropBatch) -> None:
+        self.images += len(batch.keys)
+        pixels = to_uint8(batch.faces.crops)
+        image_index = batch.faces.image_index.cpu()
+        names = [f"{self.stems[batch.keys[i]]}{f'_{int(batch.face_index[k])}' if self.suffixed else ''}.{self.ext}"
+                 for k, i in enumerate(image_index.tolist())]
+        list(self._pool.map(lambda a: write_image(self.out / a[0], a[1]), zip(names, pixels)))
+        lines = []
+        for name, rec in _records(batch, names, self.out):
+            self.records[name] = rec
+            lines.append(json.dumps({"file": name, **rec}) + "\n")
+        self._journal.write("".join(lines))
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
+        counts = torch.bincount(image_index, minlength=len(batch.keys)).tolist()
+        self.no_faces += [key for key, c in zip(batch.keys, counts) if c == 0]
+
+    def __exit__(self, kind, *_):
+        self._pool.shutdown()
+        self._journal.close()
+        _write_manifest(self.out, self.records)
+        (self.out / JOURNAL).unlink(missing_ok=True)
+        _write_list(self.out, "no_faces.txt", self.no_faces)
+        if kind is KeyboardInterrupt:
+            print(f"tidyface: interrupted; {self.out / MANIFEST} lists the {len(self.records)} crops "
+                  "written so far", file=sys.stderr)
+
+
 def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, *,
              options: CropOptions | None = None, post: Sequence[PostStep] = (),
              models: ModelCache | None = None, **flags) -> int:
@@ -674,7 +722,7 @@ def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None 
     o = options or CropOptions(out=None if out is None else str(out), **flags)
     if not inputs:
         raise UsageError("give at least one image, folder or .txt list")
-    out, landmarks, strategy, ext = Path(o.out), o.landmarks, o.strategy, o.ext
+    out = Path(o.out)
     cropper = Cropper(o.output_size, face_factor=o.face_factor, template=o.template,
                       allow_skew=o.allow_skew, padding=o.padding, crop_mode=o.crop_mode,
                       bbox_scale=o.bbox_scale, strategy=o.strategy, det_model=o.det_model,
@@ -684,78 +732,45 @@ def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None 
     if not files:
         raise CropError("no images found in " + ", ".join(map(str, inputs)))
     match = None
-    if landmarks is not None:
-        table = read_landmark_file(landmarks)
+    if o.landmarks is not None:
+        table = read_landmark_file(o.landmarks)
         match = match_inputs(table, files, root)
         _check_given_faces(cropper, match.faces, table.path)
     else:  # the detector's weights before the output folder is touched
         load_models(models, o.device, o.weights_dir, o.det_model)
     _prepare_output(out, o.overwrite)
-
-    stems = output_stems(files, root)
-    out.mkdir(parents=True, exist_ok=True)
     unreadable: list[Path] = []
-    no_faces: list[Path] = []
-    records: dict[str, dict] = {}
-    n_images = 0
-    if match is not None:
-        if match.missing:
-            warn(f"{_count(len(match.missing), 'image')} of {len(files)} have no entry in "
-                 f"{landmarks} and are not cropped (list: {out / REPORT_FILES[2]}): "
-                 f"{_preview(match.missing)}")
-        if match.unused:
-            warn(f"{landmarks}: no input image matches {_count(len(match.unused), 'name')} in it "
-                 f"(list: {out / REPORT_FILES[3]}): {_preview(match.unused)}")
-        todo = [f for f in files if f in match.faces]
+    if match is None:
+        items = cropper.detected(readable(files, unreadable))
     else:
-        todo = files
-
-    if match is not None:
+        _report_landmark_match(match, len(files), o.landmarks, out)
         face_points = {p: [e.points for e in entries] for p, entries in match.faces.items()}
-        items = cropper.given(readable(todo, unreadable), face_points)
-    else:
-        items = cropper.detected(readable(todo, unreadable))
-
-    journal = open(out / JOURNAL, "a", encoding="utf-8")
-    interrupted = False
+        items = cropper.given(readable([f for f in files if f in match.faces], unreadable), face_points)
     try:
-        with ThreadPoolExecutor(2) as pool:  # JPEG/PNG encoding releases the GIL
+        with CropSink(out, output_stems(files, root), o.ext, o.strategy == "all") as sink:
             for batch in cropper.batches(items):
-                n_images += len(batch.keys)
-                faces = batch.faces
-                pixels = to_uint8(faces.crops)
-                image_index = faces.image_index.cpu()
-                counts = torch.bincount(image_index, minlength=len(batch.keys)).tolist()
-                names = []
-                for k, i in enumerate(image_index.tolist()):
-                    suffix = f"_{int(batch.face_index[k])}" if strategy == "all" else ""
-                    names.append(f"{stems[batch.keys[i]]}{suffix}.{ext}")
-                list(pool.map(lambda a: write_image(out / a[0], a[1]), zip(names, pixels)))
-                lines = []
-                for name, rec in _records(batch, names, out):
-                    records[name] = rec
-                    lines.append(json.dumps({"file": name, **rec}) + "\n")
-                journal.write("".join(lines))
-                journal.flush()
-                os.fsync(journal.fileno())
-                no_faces += [key for key, c in zip(batch.keys, counts) if c == 0]
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
+                sink.add(batch)
     finally:
-        journal.close()
-        _write_manifest(out, records)
-        (out / JOURNAL).unlink(missing_ok=True)
-        _write_list(out, "no_faces.txt", no_faces)
         _write_list(out, "unreadable.txt", unreadable)
-        if match is not None:
-            _write_list(out, "no_landmarks.txt", match.missing)
-            _write_list(out, "unused_landmarks.txt", match.unused)
-        if interrupted:
-            print(f"tidyface: interrupted; {out / MANIFEST} lists the {len(records)} crops "
-                  "written so far", file=sys.stderr)
+    _summary(sink, unreadable, match)
+    return 1 if unreadable or (match is not None and match.missing) else 0
 
-    parts = [f"{_count(len(records), 'crop')} from {_count(n_images - len(no_faces), 'image')} "
+
+def _report_landmark_match(match, n_files: int, landmarks, out: Path) -> None:
+    if match.missing:
+        warn(f"{_count(len(match.missing), 'image')} of {n_files} have no entry in "
+             f"{landmarks} and are not cropped (list: {out / REPORT_FILES[2]}): "
+             f"{_preview(match.missing)}")
+    if match.unused:
+        warn(f"{landmarks}: no input image matches {_count(len(match.unused), 'name')} in it "
+             f"(list: {out / REPORT_FILES[3]}): {_preview(match.unused)}")
+    _write_list(out, "no_landmarks.txt", match.missing)
+    _write_list(out, "unused_landmarks.txt", match.unused)
+
+
+def _summary(sink: CropSink, unreadable: list[Path], match) -> None:
+    out, no_faces = sink.out, sink.no_faces
+    parts = [f"{_count(len(sink.records), 'crop')} from {_count(sink.images - len(no_faces), 'image')} "
              f"into {out}"]
     if no_faces:
         parts.append(f"{_count(len(no_faces), 'image')} without faces (list: {out / 'no_faces.txt'})")
@@ -764,7 +779,6 @@ def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None 
     if match is not None and match.missing:
         parts.append(f"{len(match.missing)} without landmarks (list: {out / 'no_landmarks.txt'})")
     print("tidyface: " + "; ".join(parts), file=sys.stderr)
-    return 1 if unreadable or (match is not None and match.missing) else 0
 
 
 def _check_given_faces(cropper: Cropper, faces: Mapping[Path, list[LandmarkEntry]],
