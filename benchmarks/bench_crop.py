@@ -7,8 +7,11 @@ Two inputs, decoded once beforehand (decoding and file writing are not timed):
 - photos: shared/media/face_crop_plus_demo (8 photos, 1..28 faces, 8 sizes) + insightface t1.jpg;
 - frames: 1920x1080 frames of shared/media/videos/facenet_pytorch_video.mp4 (one size: batches fill).
 "Warp only" starts from detections made beforehand and times matrices + warp + uint8 crops;
-"with detection" times RetinaFace (tidyface's, for both rows) plus the crops. Each figure is the
-best of --repeat runs (the machine is shared), in crops per second.
+"with detection" times RetinaFace (tidyface's, from the process-wide ModelCache, for both rows)
+plus the crops. Detection uses the weights' default input size (`spec.defaults.max_size`, longer
+side 1280: the 1920x1080 frames are shrunk for the detector, boxes still in frame pixels), as
+`tidyface crop` does. Each figure is the best of --repeat runs (the machine is shared), in crops
+per second.
 """
 from __future__ import annotations
 

@@ -5,10 +5,12 @@
 Data: 200 identities (random unit centres; faces = centre + Gaussian noise, cosine distance
 ~0.2 to the centre, ~0.35 between two faces of one identity), a quarter of the faces are
 near-copies of another face of their identity (video-like, distance ~0.01), and 2% strangers
-(isolated random points). Steps, each timed once in a fresh process:
-  dedup     embedding_duplicates, thr 0.03
-  auto      auto grouping at AUTO_THRESHOLD (exact agglomerative up to AGGLOMERATIVE_MAX_N
-            faces, tiled graph + per-component agglomerative above)
+(isolated random points). Steps, each timed once in a fresh process; the grouping steps go
+through `tidyface.tasks.pipeline.group` (the group step the tasks call) with a GroupOptions:
+  dedup     the embedding pass, tasks.dedup.embedding_duplicates, thr 0.03 (pipeline.dedup
+            calls it on the rows the hash pass kept; here there are no hashes)
+  auto      auto grouping at AUTO_THRESHOLD (no encoder spec, so no encoder default; exact
+            agglomerative up to AGGLOMERATIVE_MAX_N faces, tiled graph + per-component above)
   cluster   KMeans for k in 190,200,210 (around the true 200), n_init=N_INIT, silhouette on a
             10k sample above 10k faces
   classify  against 200 references (one per identity), other_threshold 0.5
@@ -73,8 +75,8 @@ def child(n: int, step: str, threads: int) -> dict:
     import torch
     from sklearn.metrics import adjusted_rand_score
 
-    from tidyface.tasks import grouping
     from tidyface.tasks.dedup import embedding_duplicates
+    from tidyface.tasks.pipeline import GroupOptions, group
 
     torch.set_num_threads(threads)
     x, y, q, centres = make_data(n)
@@ -85,11 +87,12 @@ def child(n: int, step: str, threads: int) -> dict:
     if step == "dedup":
         r = embedding_duplicates(x, q, thr=0.03)
     elif step == "auto":
-        g = grouping.auto(x)
+        g = group(x, GroupOptions(mode="auto"))
     elif step == "cluster":
-        g = grouping.cluster(x, CLUSTERS)
+        g = group(x, GroupOptions(mode="cluster", clusters=CLUSTERS))
     elif step == "classify":
-        g = grouping.classify(x, centres, [str(i) for i in range(IDENTITIES)], other_threshold=0.5)
+        g = group(x, GroupOptions(mode="classify", enc_oth_thr=0.5),
+                  references=lambda: (centres, [str(i) for i in range(IDENTITIES)]))
     secs = time.perf_counter() - t
     peak = vm_hwm_mib()  # before the scoring below
     traced = tracemalloc.get_traced_memory()[1] / 2**20

@@ -29,13 +29,17 @@ def main():
     from tidyface.ops.video import VideoReader
 
     keep_freed_memory()  # as the `tidyface` command does
-    from tidyface.tasks.common import cached_model
-    from tidyface.tasks.video2faces import LIVE_DEFAULTS, video_to_faces
+    from tidyface.cache import default_cache
+    from tidyface.options import Video2FacesOptions
+    from tidyface.tasks.video2faces import video_to_faces
 
     # One-time process costs are not part of a run: loading (and at first use converting) the
-    # weights, and importing the grouping libraries (scipy/sklearn, ~0.3-0.8 s).
-    for m in LIVE_DEFAULTS.values():
-        cached_model(m, "cpu")
+    # weights into the process-wide ModelCache the run takes them from, and importing the
+    # grouping libraries (scipy/sklearn, ~0.3-0.8 s).
+    defaults = Video2FacesOptions.LIVE_DEFAULTS
+    models = default_cache()
+    for m in defaults.values():
+        models.get(m, "cpu")
     import scipy.cluster.hierarchy  # noqa: F401
     import scipy.sparse.csgraph  # noqa: F401
     rows = []
@@ -51,13 +55,13 @@ def main():
         n, before = read_only()
         with tempfile.TemporaryDirectory() as out:
             t = time.perf_counter()
-            s = video_to_faces(str(VIDEO), out_dir=out, video_step=step, video_reader=args.reader)
+            s = video_to_faces(str(VIDEO), models, out_dir=out, video_step=step, video_reader=args.reader)
             run = time.perf_counter() - t
         _, after = read_only()
         print(f"floor before {before:.2f} s, after {after:.2f} s", file=sys.stderr)
         rows.append((step, n, (before + after) / 2, run, s["faces"], len(s["groups"])))
     print(f"\nVideo_2.mp4 1280x720, 1972 frames; reader {args.reader}; torch threads {args.threads}; "
-          f"defaults {LIVE_DEFAULTS}")
+          f"defaults {defaults}")
     print("| --video-step | sampled frames | decode floor s | whole run s | run / floor | frames/s | faces | groups |")
     print("|---|---|---|---|---|---|---|---|")
     for step, n, floor, run, faces, groups in rows:
