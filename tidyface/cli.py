@@ -8,12 +8,13 @@ imported when their command runs, so `tidyface --help` stays fast.
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import typing
 from typing import Callable
 
 from . import options as opt
-from .errors import TidyfaceError
+from .errors import TidyfaceError, UsageError
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -53,6 +54,9 @@ def command(options: type, run: Callable, summary: str, varargs: str | None = No
     for alias, target in aliases.items():
         params.append(inspect.Parameter(alias, inspect.Parameter.KEYWORD_ONLY, default=None))
         positional[alias] = f"same as {target}."
+    # listed so that fire gives no flag the short form -h, which means help everywhere
+    params.append(inspect.Parameter("help", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool))
+    positional["help"] = "show this help (also -h)."
 
     def fn(*args, **kw):
         for alias, target in aliases.items():
@@ -72,6 +76,7 @@ def command(options: type, run: Callable, summary: str, varargs: str | None = No
     fn.__signature__ = inspect.Signature(params)
     fn.__doc__ = _docstring(summary, options, positional)
     fn.__name__ = options.__name__
+    fn._options, fn._aliases = options, aliases  # private: fire would list public attributes
     return fn
 
 
@@ -138,16 +143,122 @@ COMMANDS = {
 }
 
 
+HELP = ("-h", "--help")
+BOOL_WORDS = opt.TRUE_WORDS + opt.FALSE_WORDS
+
+
+def _suggest(word: str, choices, what: str, listing: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"unknown {what} {word}" + (f"; did you mean {close[0]}?" if close else f" ({listing} lists them)")
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
+
+
+class Argv:
+    """One command's arguments, parsed by the option dataclass's fields, before any work: every
+    flag is known (or named with its closest match), every value is a string that the options
+    then coerce, a list flag takes `1,2,3,4`, `"1 2 3 4"`, `[1,2,3,4]` or `1 2 3 4`, a boolean
+    flag alone means true, and after `--` everything is a positional argument (a file named
+    `-x.jpg`). python-fire would instead evaluate values as Python literals, take `--` for its
+    own flags, and complain of arguments it could not consume only after the command had run."""
+
+    def __init__(self, command: str, fn, tokens: list[str]):
+        self.command, self.tokens, self.positional, self.flags = command, list(tokens), [], {}
+        hints = typing.get_type_hints(fn._options)
+        self.types = {f.name: hints[f.name] for f in opt.fields(fn._options)}
+        self.lists = {f.name: f.metadata["numbers"] for f in opt.fields(fn._options) if "numbers" in f.metadata}
+        self.names = {f"--{n.replace('_', '-')}": n for n in self.types} | {"-" + a: t for a, t in fn._aliases.items()}
+        # fire's help shows -x for a flag whose first letter no other flag has: take those too
+        firsts = [n[0] for n in [*self.types, *fn._aliases, "help"]]
+        self.names |= {f"-{n[0]}": n for n in self.types if firsts.count(n[0]) == 1}
+
+    def parse(self) -> tuple[list[str], dict[str, str]]:
+        while self.tokens:
+            token = self.tokens.pop(0)
+            if token == "--":
+                self.positional += self.tokens
+                break
+            if token.startswith("-") and not _is_number(token):
+                self._flag(token)
+            else:
+                self.positional.append(token)
+        return self.positional, self.flags
+
+    def _flag(self, token: str) -> None:
+        key, eq, value = token.partition("=")
+        key = key.replace("_", "-")
+        name = self.names.get(key)
+        if name is None and key.startswith("--no") and self.names.get("--" + key[4:]) in self.types \
+                and self.types[self.names["--" + key[4:]]] is bool:  # fire's --noflag
+            self.flags[self.names["--" + key[4:]]] = "false"
+            return
+        if name is None:
+            hint = " (a file name? put it after --)" if "." in key or "/" in key else ""
+            raise UsageError(_suggest(key, self.names, "flag", f"`tidyface {self.command} --help`") + hint)
+        if self.types.get(name) is bool and not eq:
+            nxt = self.tokens[0].lower() if self.tokens else ""
+            self.flags[name] = self.tokens.pop(0) if nxt in BOOL_WORDS else "true"
+            return
+        if not eq:
+            if not self.tokens:
+                raise UsageError(f"{key} needs a value")
+            value = self.tokens.pop(0)
+        if name in self.lists:
+            value = self._list(value, self.lists[name])
+        self.flags[name] = value
+
+    def _list(self, value: str, count: int) -> str:
+        """A list flag's numbers as "a,b,c": `[1,2]`, `1,2`, `"1 2"`, or `1 2` (separate words)."""
+        parts = value.strip("[]() ").replace(",", " ").split()
+        while len(parts) < count and self.tokens and _is_number(self.tokens[0]):
+            parts.append(self.tokens.pop(0))
+        return ",".join(parts)
+
+
+def run_command(name: str, tokens: list[str]) -> None:
+    """Parse and run one command; -h/--help anywhere before `--` shows its help."""
+    import fire
+
+    fn = COMMANDS[name]
+    before = tokens[:tokens.index("--")] if "--" in tokens else tokens
+    if any(t in HELP for t in before):
+        fire.Fire(COMMANDS, command=[name, "--", "--help"], name="tidyface")
+        return
+    positional, flags = Argv(name, fn, tokens).parse()
+    fn(*positional, **flags)
+
+
 def main(argv=None) -> None:
     import fire
 
+    from . import __version__
     from .ops.memory import keep_freed_memory
 
+    tokens = list(sys.argv[1:] if argv is None else argv)
     keep_freed_memory()
     try:
-        fire.Fire(COMMANDS, command=argv, name="tidyface")
+        if not tokens or tokens[0] in HELP:
+            fire.Fire(COMMANDS, command=["--help"], name="tidyface")
+        elif tokens[0] == "--version":
+            print(f"tidyface {__version__}")
+        elif tokens[0] not in COMMANDS:
+            _fail(_suggest(tokens[0], COMMANDS, "command", "`tidyface --help`"))
+        else:
+            run_command(tokens[0], tokens[1:])
+            sys.stdout.flush()
     except TidyfaceError as e:
         _fail(str(e))
+    except BrokenPipeError:  # `tidyface detect ... | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except KeyboardInterrupt:
         print("tidyface: interrupted", file=sys.stderr)
         sys.exit(130)

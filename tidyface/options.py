@@ -74,6 +74,56 @@ def coerce(value, hint, name: str):
     return value
 
 
+def _check_field(f: dataclasses.Field, value) -> None:
+    """The declared rules of one field (flag metadata): a range, choices, a model of a task,
+    a device."""
+    m, name = f.metadata, flag_name(f.name)
+    if value is None or (value == m.get("off") and "off" in m):
+        return
+    if "range" in m:
+        lo, hi = m["range"]
+        if not ((lo is None or value >= lo) and (hi is None or value <= hi)):
+            span = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+            off = f" (or {m['off']}: off)" if "off" in m else ""
+            raise UsageError(f"{name} must be {span}{off}, got {value}")
+    if "choices" in m and value not in m["choices"]:
+        raise UsageError(f"{name} must be one of {', '.join(m['choices'])}, got {value!r}")
+    if "model" in m:
+        check_model(value, m["model"], name)
+    if m.get("device"):
+        check_device(value)
+
+
+def check_model(model: str, task: str, name: str) -> None:
+    """A registered model of the task, or the names that exist for it."""
+    from .registry import list_models
+
+    names = [e.spec.name for e in list_models(task)]
+    if model not in names:
+        from .registry import get
+
+        try:
+            other = f"{model} is a {get(model).spec.task} model; "
+        except KeyError:
+            other = f"unknown model {model}; "
+        raise UsageError(f"{name}: {other}the {task} models are {', '.join(names)} (`tidyface models`)")
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device}: not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
+
+
 class Options:
     """Mixin of the option dataclasses: values coerced to their types on construction, then
     checked by `check` (each class's own rules), before any work starts."""
@@ -81,7 +131,9 @@ class Options:
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
-            setattr(self, f.name, coerce(getattr(self, f.name), hints[f.name], f.name))
+            value = coerce(getattr(self, f.name), hints[f.name], f.name)
+            _check_field(f, value)
+            setattr(self, f.name, value)
         self.check()
 
     def check(self) -> None:
@@ -95,36 +147,32 @@ class Options:
         return [f for f in fields(cls) if not f.metadata.get("positional")]
 
 
-def _positive(value, name: str, minimum=1) -> None:
-    if value is not None and value < minimum:
-        raise UsageError(f"{flag_name(name)} must be >= {minimum}, got {value}")
-
-
-def _score(value, name: str) -> None:
-    if value is not None and not 0 <= value <= 1:
-        raise UsageError(f"{flag_name(name)} must be in [0, 1], got {value}")
+SCORE = (0.0, 1.0)
+DISTANCE = (0.0, 2.0)  # cosine distance
+AT_LEAST_1 = (1, None)
+AT_LEAST_0 = (0, None)
+DETECTOR = "detector (retinaface_mnet025, retinaface_r50, mtcnn, or a plugin's; `tidyface models`)."
+ENCODER = "encoder (facenet_casia_tf, mobilefacenet, facenet_vggface2, facenet_casia; `tidyface models`)."
 
 
 @dataclass
 class Common(Options):
-    device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda when present).")
+    device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda when present).", device=True)
     weights_dir: str | None = flag(None, "a folder holding upstream weight files (like TIDYFACE_MIRROR).")
 
 
 @dataclass
 class DetectOptions(Common):
-    model: str = flag("retinaface_mnet025", "detector (`tidyface models --task detect`).")
-    min_score: float | None = flag(None, "drop faces scoring below this (default: the detector's own).")
-    batch_size: int = flag(8, "images per forward pass (same-size images are batched together).")
+    model: str = flag("retinaface_mnet025", DETECTOR, model="detect")
+    min_score: float | None = flag(None, "drop faces scoring below this (default: the detector's own).",
+                                   range=SCORE)
+    batch_size: int = flag(8, "images per forward pass (same-size images are batched together).",
+                           range=AT_LEAST_1)
     out: str | None = flag(None, "also write each image with boxes, scores and landmarks drawn, "
                                  "mirroring the input tree.")
     max_size: int | None = flag(None, "the longer side the detector sees (default: the detector's, "
-                                      "RetinaFace 1280; 0: full resolution); boxes are in input pixels.")
-
-    def check(self):
-        _score(self.min_score, "min_score")
-        _positive(self.batch_size, "batch_size")
-        _positive(self.max_size, "max_size", 0)
+                                      "RetinaFace 1280; 0 means full resolution); boxes are in input pixels.",
+                                range=AT_LEAST_0)
 
 
 @dataclass
@@ -132,26 +180,27 @@ class CropOptions(Common):
     out: str | None = flag(None, "output folder (required).")
     landmarks: str | None = flag(None, "a .json/.csv/.txt file of landmarks (5, 68, 98 or 106 points) "
                                        "instead of detection.")
-    output_size: str = flag("256", "N or W,H in pixels.")
+    output_size: str = flag("256", "N or W,H in pixels.", numbers=2)
     face_factor: float | None = flag(None, "share of the output's shorter side taken by the face, in "
                                            "(0, 1) (default: the template's own; docs/face_factor.md).")
     template: str = flag("arcface", "arcface, ffhq, or a file with 5 points and their frame size.")
     allow_skew: bool = flag(False, "fit an affine transform instead of a similarity.")
-    padding: str = flag("constant", "constant, replicate, reflect or wrap: what fills the crop beyond the image.")
-    crop_mode: str = flag("align", "align (5-point template) or bbox (DECA-style square box).")
+    padding: str = flag("constant", "what fills the crop beyond the image.",
+                        choices=("constant", "replicate", "reflect", "wrap"))
+    crop_mode: str = flag("align", "align (5-point template) or bbox (DECA-style square box).",
+                          choices=("align", "bbox"))
     bbox_scale: float = flag(1.25, "bbox mode: enlargement of the landmark or detector box.")
-    strategy: str = flag("all", "all, largest or best (highest score) face per image.")
-    det_model: str = flag("retinaface_mnet025", "detector (`tidyface models --task detect`).")
-    det_threshold: float | None = flag(None, "drop faces scoring below this.")
-    batch_size: int = flag(8, "images per detector pass.")
+    strategy: str = flag("all", "all, largest or best (highest score) face per image.",
+                         choices=("all", "largest", "best"))
+    det_model: str = flag("retinaface_mnet025", DETECTOR, model="detect")
+    det_threshold: float | None = flag(None, "drop faces scoring below this.", range=SCORE)
+    batch_size: int = flag(8, "images per detector pass.", range=AT_LEAST_1)
     ext: str = flag("jpg", "jpg, png, webp, bmp or tif.")
     overwrite: bool = flag(False, "replace an earlier crop result in OUT (deletes exactly its files).")
 
     def check(self):
         if not self.out:
             raise UsageError("give --out DIR")
-        _score(self.det_threshold, "det_threshold")
-        _positive(self.batch_size, "batch_size")
         self.ext = self.ext.lower().lstrip(".")
         if self.ext not in ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"):
             raise UsageError(f"--ext must be jpg, png, webp, bmp or tif, got {self.ext!r}")
@@ -160,19 +209,16 @@ class CropOptions(Common):
 @dataclass
 class EmbedOptions(Common):
     out: str | None = flag(None, "the .npz to write (required): one row per face (tidyface.read_faces).")
-    model: str = flag("facenet_casia_tf", "encoder: facenet_casia_tf, mobilefacenet, facenet_vggface2, "
-                                          "facenet_casia.")
-    det_model: str = flag("retinaface_mnet025", "detector (`tidyface models --task detect`).")
-    min_score: float | None = flag(None, "detector score threshold (default: the detector's own).")
+    model: str = flag("facenet_casia_tf", ENCODER, model="embed")
+    det_model: str = flag("retinaface_mnet025", DETECTOR, model="detect")
+    min_score: float | None = flag(None, "detector score threshold (default: the detector's own).", range=SCORE)
     enc_area: str | None = flag(None, "\"x1 y1 x2 y2\" fractions of the face box to embed, unaligned, "
-                                      "instead of aligning the landmarks onto the encoder's template.")
-    batch_size: int = flag(32, "faces per encoder forward pass.")
+                                      "instead of aligning the landmarks onto the encoder's template.", numbers=4)
+    batch_size: int = flag(32, "faces per encoder forward pass.", range=AT_LEAST_1)
 
     def check(self):
         if not self.out:
             raise UsageError("give --out FILE.npz")
-        _score(self.min_score, "min_score")
-        _positive(self.batch_size, "batch_size")
         self.enc_area = parse_area(self.enc_area)
 
 
@@ -182,12 +228,12 @@ class GroupingFlags(Options):
 
     clusters: str = flag("2-9", "cluster mode: k as a range 2-9, a list 2,4,6 or one number.")
     clusters_save_all: bool = flag(False, "cluster mode: also write the grouping for every k under G<k>/.")
-    random_state: int = flag(0, "seed of KMeans.")
+    random_state: int = flag(0, "seed of KMeans.", range=AT_LEAST_0)
     ref_dir: str | None = flag(None, "classify mode: one subfolder per person with reference images.")
     enc_oth_thr: float = flag(-1, "classify mode: faces at cosine distance >= this from every person go "
-                                  "to other/ (-1: every face gets its nearest person).")
+                                  "to other/ (-1 means every face gets its nearest person).", range=DISTANCE, off=-1)
     auto_thr: float | None = flag(None, "auto mode: average-linkage cosine distance threshold (default: "
-                                        "the encoder's, chosen on labelled data).")
+                                        "the encoder's, chosen on labelled data).", range=DISTANCE)
     group_log: bool = flag(False, "also write the distances behind each decision.")
 
     def grouping(self, mode: str):
@@ -204,19 +250,21 @@ class GroupingFlags(Options):
 class GroupCommandOptions(GroupingFlags, Common):
     path: str | None = flag(None, "a folder (searched recursively) of photos, or of face crops with --cropped.",
                             positional=True)
-    out: str | None = flag(None, "the output folder (required); must be empty, or a previous result with --overwrite.")
+    out: str | None = flag(None, "the output folder (required); must be empty, or a previous result with "
+                                 "--overwrite.")
     mode: str = flag("auto", "auto (threshold clustering, no k), cluster (KMeans, k by silhouette) or "
-                             "classify (against --ref-dir).")
-    cropped: bool = flag(False, "the images are face crops (one face each): no detection.")
-    enc_model: str = flag("facenet_casia_tf", "encoder (`tidyface models --task embed`).")
-    det_model: str = flag("retinaface_mnet025", "detector (`tidyface models --task detect`).")
-    det_min_score: float | None = flag(None, "detector score threshold (default: the detector's own).")
-    hash_thr: int = flag(-1, "dedup pass 1: average-hash difference in bits (0: identical only; -1: off).")
-    enc_dup_thr: float = flag(-1, "dedup pass 2: cosine distance (0: identical only; -1: off); each "
-                                  "duplicate set keeps its largest, sharpest face.")
+                             "classify (against --ref-dir).", choices=("auto", "cluster", "classify"))
+    cropped: bool = flag(False, "the images are face crops (one face each), so no detection.")
+    enc_model: str = flag("facenet_casia_tf", ENCODER, model="embed")
+    det_model: str = flag("retinaface_mnet025", DETECTOR, model="detect")
+    det_min_score: float | None = flag(None, "detector score threshold (default: the detector's own).", range=SCORE)
+    hash_thr: int = flag(-1, "dedup pass 1: average-hash difference in bits (0 means identical only; -1 off).",
+                         range=(0, 64), off=-1)
+    enc_dup_thr: float = flag(-1, "dedup pass 2: cosine distance (0 means identical only; -1 off); each "
+                                  "duplicate set keeps its largest, sharpest face.", range=DISTANCE, off=-1)
     enc_area: str | None = flag(None, "\"x1 y1 x2 y2\" fractions of the face (box, or crop with --cropped) "
-                                      "to embed unaligned.")
-    batch_size: int = flag(32, "faces per encoder pass.")
+                                      "to embed unaligned.", numbers=4)
+    batch_size: int = flag(32, "faces per encoder pass.", range=AT_LEAST_1)
     overwrite: bool = flag(False, "replace an earlier tidyface group result in OUT.")
 
     def check(self):
@@ -227,8 +275,6 @@ class GroupCommandOptions(GroupingFlags, Common):
         self.grouping(self.mode)
         if self.mode == "classify" and not self.ref_dir:
             raise UsageError("--mode classify needs --ref-dir (one subfolder of reference images per person)")
-        _score(self.det_min_score, "det_min_score")
-        _positive(self.batch_size, "batch_size")
         self.enc_area = parse_area(self.enc_area)
 
 
@@ -260,39 +306,41 @@ def parse_floats(value, n: int, name: str) -> tuple | None:
     return vals
 
 
-def check_choice(value: str, choices: tuple, name: str) -> None:
-    if value not in choices:
-        raise UsageError(f"{flag_name(name)} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
-
-
 @dataclass
 class Video2FacesOptions(GroupingFlags, Common):
     input: str | None = flag(None, "a video, a folder of videos (see --input-ext) or a .txt list of paths.",
                              positional=True)
-    out_dir: str | None = flag(None, "output folder (default: beside the input).")
+    out_dir: str | None = flag(None, "output folder (default: INPUT_faces beside the input).")
     out_prefix: str = flag("", "prefix of face file names [prefix][k_]FFFFFF_I.jpg.")
     input_ext: str = flag("mkv;mp4", "extensions of the videos to take from a folder, ';'-separated.")
-    mode: str = flag("full", "full, detection (faces + manifest only) or grouping (re-group earlier detections).")
-    style: str = flag("live", "live or anime.")
+    mode: str = flag("full", "full, detection (faces + manifest only) or grouping (re-group earlier "
+                             "detections).", choices=("full", "detection", "grouping"))
+    style: str = flag("live", "live or anime.", choices=("live", "anime"))
     video_step: float = flag(1.0, "seconds between sampled frames.")
-    video_fragment: str | None = flag(None, "START_MIN,END_MIN: only this part of each video, in minutes.")
-    video_area: str | None = flag(None, "X1,Y1,X2,Y2: only this rectangle of the frame, in pixels.")
-    video_reader: str = flag("opencv", "opencv or pyav.")
-    det_model: str | None = flag(None, "detector (default for live: retinaface_mnet025).")
-    det_batch_size: int = flag(4, "frames per detector pass.")
-    det_min_score: float = flag(0.4, "reject faces scoring below this.")
-    det_min_size: int = flag(50, "reject faces whose box is narrower or shorter than this (pixels).")
-    det_min_border: int = flag(5, "reject faces closer than this to a frame border (pixels).")
+    video_fragment: str | None = flag(None, "START_MIN,END_MIN: only this part of each video, in minutes.",
+                                      numbers=2)
+    video_area: str | None = flag(None, "X1,Y1,X2,Y2: only this rectangle of the frame, in pixels.", numbers=4)
+    video_reader: str = flag("opencv", "opencv or pyav.", choices=("opencv", "pyav"))
+    det_model: str | None = flag(None, "detector (default for live: retinaface_mnet025).", model="detect")
+    det_batch_size: int = flag(4, "frames per detector pass.", range=AT_LEAST_1)
+    det_min_score: float = flag(0.4, "reject faces scoring below this.", range=SCORE)
+    det_min_size: int = flag(50, "reject faces whose box is narrower or shorter than this (pixels).",
+                             range=AT_LEAST_0)
+    det_min_border: int = flag(5, "reject faces closer than this to a frame border (pixels).", range=AT_LEAST_0)
     det_scale: str = flag("1.5,1.5,2.2,1.2", "SL,SR,SU,SD: how far each border of the saved crop moves "
-                                             "from the box centre.")
+                                             "from the box centre.", numbers=4)
     det_square: bool = flag(True, "make saved crops square (shifted, not shrunk, at frame borders).")
-    det_size: int | None = flag(640, "the detector sees frames shrunk to this longer side (0: full size).")
-    hash_thr: int = flag(8, "dedup pass 1: average-hash difference in bits (0: identical only; -1: off).")
-    enc_model: str | None = flag(None, "encoder (default for live: mobilefacenet).")
-    enc_batch_size: int = flag(16, "faces per encoder pass.")
-    enc_area: str | None = flag(None, "X1,Y1,X2,Y2 fractions of the face box to embed unaligned (default: align).")
-    enc_dup_thr: float = flag(0.25, "dedup pass 2: cosine distance between embeddings (0: identical; -1: off).")
-    group_mode: str = flag("auto", "auto, cluster or classify.")
+    det_size: int | None = flag(640, "the detector sees frames shrunk to this longer side (0 means full size).",
+                                range=AT_LEAST_0)
+    hash_thr: int = flag(8, "dedup pass 1: average-hash difference in bits (0 means identical only; -1 off).",
+                         range=(0, 64), off=-1)
+    enc_model: str | None = flag(None, "encoder (default for live: mobilefacenet).", model="embed")
+    enc_batch_size: int = flag(16, "faces per encoder pass.", range=AT_LEAST_1)
+    enc_area: str | None = flag(None, "X1,Y1,X2,Y2 fractions of the face box to embed unaligned (default: "
+                                      "aligned).", numbers=4)
+    enc_dup_thr: float = flag(0.25, "dedup pass 2: cosine distance between embeddings (0 means identical; "
+                                    "-1 off).", range=DISTANCE, off=-1)
+    group_mode: str = flag("auto", "auto, cluster or classify.", choices=("auto", "cluster", "classify"))
     save_frames: bool = flag(False, "write sampled frames with boxes (green kept, red rejected) to "
                                     "intermediate/frames.")
     save_rejects: bool = flag(False, "write rejected faces to intermediate/rejects and log_rejects.csv.")
@@ -306,11 +354,9 @@ class Video2FacesOptions(GroupingFlags, Common):
         "enc_model": "vit_anime (animesion ViT-B/16 or L/16)"}
 
     def check(self):
-        if not self.input:
-            raise UsageError("usage: tidyface video2faces VIDEO|FOLDER|LIST.txt [flags]")
-        check_choice(self.mode, ("full", "detection", "grouping"), "mode")
-        check_choice(self.style, ("live", "anime"), "style")
-        check_choice(self.video_reader, ("opencv", "pyav"), "video_reader")
+        if not self.input and not (self.mode == "grouping" and self.out_dir):
+            raise UsageError("usage: tidyface video2faces VIDEO|FOLDER|LIST.txt [flags] "
+                             "(--mode grouping: --out-dir DIR is enough)")
         if self.style == "anime" and self.mode != "grouping":
             missing = [self.ANIME_MODELS[k] for k in ("det_model", "enc_model") if getattr(self, k) is None]
             if missing:
@@ -320,19 +366,30 @@ class Video2FacesOptions(GroupingFlags, Common):
         for k, v in self.LIVE_DEFAULTS.items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
+                check_model(v, "detect" if k == "det_model" else "embed", flag_name(k))
         if not self.video_step > 0:
             raise UsageError(f"--video-step must be > 0 seconds, got {self.video_step}")
         for name, n in (("video_fragment", 2), ("video_area", 4), ("det_scale", 4)):
             setattr(self, name, parse_floats(getattr(self, name), n, name))
-        if self.video_area is not None:
-            self.video_area = tuple(int(round(a)) for a in self.video_area)
+        self._check_geometry()
         self.enc_area = parse_area(self.enc_area)
-        _positive(self.det_batch_size, "det_batch_size")
-        _positive(self.enc_batch_size, "enc_batch_size")
-        _positive(self.det_size, "det_size", 0)
         self.grouping(self.group_mode)
         if self.group_mode == "classify" and self.mode != "detection" and not self.ref_dir:
             raise UsageError("--group-mode classify needs --ref-dir (one subfolder of reference images per person)")
+
+    def _check_geometry(self) -> None:
+        if self.video_area is not None:
+            x1, y1, x2, y2 = self.video_area = tuple(int(round(a)) for a in self.video_area)
+            if not (0 <= x1 < x2 and 0 <= y1 < y2):
+                raise UsageError(f"--video-area needs X1,Y1,X2,Y2 pixels with 0<=X1<X2 and 0<=Y1<Y2, "
+                                 f"got {self.video_area}")
+        if self.video_fragment is not None:
+            start, end = self.video_fragment
+            if start < 0 or (end >= 0 and end <= start):
+                raise UsageError(f"--video-fragment needs START_MIN,END_MIN with 0<=START<END (END -1: to the "
+                                 f"end), got {start:g},{end:g}")
+        if not all(v > 0 for v in self.det_scale):
+            raise UsageError(f"--det-scale needs 4 numbers > 0 (SL,SR,SU,SD), got {self.det_scale}")
 
     # what a run's detection results depend on: resuming with other values is refused
     DETECTION_KEYS: typing.ClassVar[tuple] = (
@@ -345,5 +402,6 @@ class Video2FacesOptions(GroupingFlags, Common):
 
 @dataclass
 class ModelsOptions(Options):
-    task: str | None = flag(None, "only models of this task (detect, landmarks, embed, parse, enhance).")
+    task: str | None = flag(None, "only models of this task.",
+                            choices=("detect", "landmarks", "embed", "parse", "enhance"))
     weights_dir: str | None = flag(None, "also look for upstream files in this folder (like TIDYFACE_MIRROR).")

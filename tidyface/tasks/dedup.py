@@ -7,6 +7,15 @@ bounded by the tile, never by an N x N matrix.
 
 Thresholds: -1 disables a pass (everything kept); 0 means "identical only", which for float
 embeddings allows `EMBEDDING_EPS` of float32 rounding noise.
+
+Two rules keep different people apart (both passes, when the caller gives them):
+- two faces of one picture (one video frame, or one photo: `frame_keys`) are never duplicates:
+  such a pair is never a link, and a set that chains two of them together is rebuilt from its
+  own links, closest first, refusing every join that would put two faces of one picture in one
+  set (`join_closest_first`);
+- a hash match is only a candidate: with `confirm_thr`, each hash link (window and all-pairs
+  stage alike) counts only if the two faces' embeddings are within that cosine distance too.
+  Only confirmed links form sets, so a chain A~B~C whose B~C link is refused leaves C out.
 """
 from __future__ import annotations
 
@@ -24,6 +33,12 @@ HASH_SIZE = 8  # 8x8 grey pixels -> 64-bit hash
 # than this are treated as identical, and every embedding threshold gets this slack.
 EMBEDDING_EPS = 1e-5
 DEFAULT_BLOCK = 2048  # tile side: a 2048x2048 float32 tile is 16 MiB
+# Cosine distance under which a hash link is confirmed (the mobilefacenet scale, video2faces'
+# default encoder). Measured on Video_2's labelled faces (tests/test_dedup_real.py): pairs of
+# different people were never closer than 0.45 (0.64 among the pairs within 8 hash bits), while
+# a hash link is already evidence of one scene, so confirming needs "not another person", not
+# pass 2's "the same picture again" (0.25 would refuse half of the same-person hash links).
+HASH_CONFIRM_DIST = 0.4
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL "L" / OpenCV RGB2GRAY
 # MSB first: bit 0 of the (N,64) layout is the top-left pixel, as imagehash prints it.
 _BIT_WEIGHTS = (np.uint64(1) << np.arange(63, -1, -1, dtype=np.uint64)).view(np.int64)
@@ -170,6 +185,91 @@ def close_pair_components(feats: Tensor, close: Callable[[Tensor, Tensor], Tenso
             if len(ij):
                 labels = _merge(labels, ij[:, 0] + r0, ij[:, 1] + c0)
     return labels
+
+
+def frame_keys(source: Sequence, frame: Sequence) -> np.ndarray:
+    """(N,) int64, equal for faces found in one picture: one (source, frame) of a video, or one
+    photo (frame -1). Faces of one picture are different people, never duplicates."""
+    pictures = np.array([f"{s}\x00{int(f)}" for s, f in zip(source, frame)], dtype=object)
+    if len(pictures) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(pictures, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def _by_smallest(roots: np.ndarray) -> np.ndarray:
+    """Set ids of any kind -> each face's set named by its smallest member (our label rule)."""
+    first = np.full(int(roots.max()) + 1 if len(roots) else 0, len(roots), dtype=np.int64)
+    np.minimum.at(first, roots, np.arange(len(roots)))
+    return first[roots]
+
+
+def join_closest_first(n: int, i: np.ndarray, j: np.ndarray, dist: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Sets of n faces from the links (i, j), joined in order of increasing `dist` (ties: input
+    order); a link whose two sets already hold faces of one picture (equal `keys`) is refused.
+    The closest evidence wins: of two faces of one frame, each stays with the faces nearest to
+    it. Python union-find: only for the few sets that need it (see _split_conflicts)."""
+    parent = list(range(n))
+    pictures = {}  # root -> the keys of its set (absent: a single face, its own key)
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for k in np.argsort(dist, kind="stable").tolist():
+        a, b = find(int(i[k])), find(int(j[k]))
+        if a == b:
+            continue
+        ka, kb = pictures.pop(a, {keys[a]}), pictures.pop(b, {keys[b]})
+        if not ka.isdisjoint(kb):  # refused: put the sets back as they were
+            pictures[a], pictures[b] = ka, kb
+            continue
+        if len(ka) < len(kb):
+            a, b, ka, kb = b, a, kb, ka
+        parent[b] = a
+        pictures[a] = ka | kb
+    return _by_smallest(np.array([find(x) for x in range(n)], dtype=np.int64))
+
+
+def _tile_pairs(rows: np.ndarray, close: Callable[[Tensor, Tensor], Tensor],
+                block: int = DEFAULT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs (i < j in `rows` order) of global row indices that close(ia, ib) -> (r,c) bool
+    accepts, tile by tile (close gets index tiles, so it can look up any per-face column)."""
+    idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    out_i, out_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for r0 in range(0, len(idx), block):
+        for c0 in range(r0, len(idx), block):
+            hit = close(idx[r0:r0 + block], idx[c0:c0 + block])
+            if c0 == r0:
+                hit = torch.triu(hit, diagonal=1)
+            ij = hit.nonzero().cpu().numpy()
+            out_i.append(idx.numpy()[ij[:, 0] + r0])
+            out_j.append(idx.numpy()[ij[:, 1] + c0])
+    return np.concatenate(out_i), np.concatenate(out_j)
+
+
+def _split_conflicts(labels: np.ndarray, keys: np.ndarray | None,
+                     links_within: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Sets holding two faces of one picture, rebuilt by join_closest_first from their own
+    links: links_within(members, ascending global indices) -> (i, j, dist) global. Sets
+    without such a pair (nearly all) are left as they are, so the tiled search stays the cost."""
+    if keys is None or len(labels) < 2:
+        return labels
+    order = np.lexsort((keys, labels))
+    lab, key = labels[order], keys[order]
+    twice = (lab[1:] == lab[:-1]) & (key[1:] == key[:-1])
+    if not twice.any():
+        return labels
+    out = labels.copy()
+    bad = np.unique(lab[1:][twice])
+    for s, e in zip(np.searchsorted(lab, bad, "left").tolist(), np.searchsorted(lab, bad, "right").tolist()):
+        members = np.sort(order[s:e])
+        i, j, d = links_within(members)
+        local = join_closest_first(len(members), np.searchsorted(members, i), np.searchsorted(members, j),
+                                   d, keys[members])
+        out[members] = members[local]
+    return out
 
 
 def _finish(labels: np.ndarray, quality, dist_to: Callable[[np.ndarray, np.ndarray], np.ndarray],

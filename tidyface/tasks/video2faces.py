@@ -559,11 +559,18 @@ def group_stage(o: Video2FacesOptions, ws: Workspace, manifest: dict, models: Mo
 
 # ----------------------------------------------------------------------------- the run
 
+def default_out_dir(inp: Path) -> Path:
+    """INPUT_faces beside the input (a video's folder, or a folder's parent): never inside it."""
+    inp = inp.resolve()
+    return inp.parent / f"{inp.stem if inp.is_file() else inp.name}_faces"
+
+
 def _open_workspace(o: Video2FacesOptions, ws: Workspace, videos: list[Path]) -> dict:
     """The manifest to continue: this run's own (resume), or a new one; a folder holding other
     results is refused before anything is written."""
     man = ws.manifest()
-    sig, listing = o.detection_signature(), [str(p) for p in videos]
+    # resolved: the same videos named from another folder, or relatively, are the same inputs
+    sig, listing = o.detection_signature(), [str(p.resolve()) for p in videos]
     if man is not None and o.overwrite:
         ws.clear()
         man = None
@@ -635,8 +642,8 @@ def run_video2faces(o: Video2FacesOptions, models: ModelCache | None = None) -> 
     """Videos in, faces grouped per person out. Returns the run's summary (also printed):
     videos, failed, frames, faces, rejected, duplicates, groups, seconds, out."""
     t0 = time.time()
-    inp = Path(o.input)
-    out = Path(o.out_dir) if o.out_dir else (inp if inp.is_dir() else inp.resolve().parent)
+    inp = Path(o.input) if o.input else None
+    out = Path(o.out_dir) if o.out_dir else default_out_dir(inp)
     ws = Workspace(out)
     if o.mode == "grouping":
         man = ws.manifest()
