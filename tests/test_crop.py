@@ -377,7 +377,7 @@ def test_existing_results_are_refused_or_cleanly_replaced(tmp_path, capsys):
     write_landmark_file(tmp_path / "one.json", {"p0.png": faces["p0.png"]})
     assert run_crop([tmp_path / "in" / "p0.png"], out, landmarks=tmp_path / "one.json", overwrite=True) == 0
     # the old run's p1 crops are gone, not mixed in; files we did not write are kept
-    assert sorted(p.name for p in out.iterdir()) == ["crops.json", "notes.txt", "p0_0.jpg"]
+    assert sorted(p.name for p in out.iterdir()) == [".tidyface", "crops.json", "notes.txt", "p0_0.jpg"]
 
 
 def test_interrupted_run_leaves_a_consistent_record(tmp_path):

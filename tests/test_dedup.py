@@ -1,12 +1,13 @@
 """Duplicate passes: aHash and sharpness against OpenCV, the hash pass's threshold/window rules,
-best-face choice, and the tiled embedding search against brute force."""
+best-face choice, the tiled embedding search against brute force, and the rules that keep
+people apart: faces of one picture never in one set, hash links confirmed by embeddings."""
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from tidyface.tasks.dedup import (EMBEDDING_EPS, average_hash, dedup_log_rows, embedding_duplicates,
-                                  hash_bits, hash_duplicates, sharpness)
+from tidyface.tasks.dedup import (EMBEDDING_EPS, average_hash, dedup_log_rows, embedding_duplicates, frame_keys,
+                                  hash_bits, hash_duplicates, join_closest_first, sharpness)
 
 
 def _crops(n, size=64, seed=0):
@@ -167,3 +168,131 @@ def test_bad_embeddings_refused():
                      (good[0], r"\(N,D\)")]:
         with pytest.raises(ValueError, match=msg):
             embedding_duplicates(bad, thr=0.1)
+
+
+# ----------------------------------------------------------------------------- rule 1: people apart
+
+def _unit(rows):
+    x = np.asarray(rows, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _turned(angle_deg):
+    """A unit vector in the first plane at this angle: cosine distance 1 - cos(angle) to (1,0,..)."""
+    a = np.radians(angle_deg)
+    return [np.cos(a), np.sin(a), 0.0, 0.0]
+
+
+def test_frame_keys_one_per_picture():
+    keys = frame_keys(["v.mp4", "v.mp4", "v.mp4", "w.mp4", "a.jpg", "a.jpg", "b.jpg"], [3, 3, 4, 3, -1, -1, -1])
+    assert keys[0] == keys[1] and keys[1] != keys[2] and keys[0] != keys[3]  # a frame, per video
+    assert keys[4] == keys[5] and keys[4] != keys[6]  # a photo: its source
+    assert frame_keys([], []).shape == (0,)
+
+
+def test_faces_of_one_picture_are_never_duplicates():
+    h = _packed(["0" * 64] * 3)  # identical hashes
+    emb = _unit([[1, 0, 0, 0]] * 3)  # identical embeddings
+    keys = np.array([7, 7, 8])  # faces 0 and 1 in one frame
+    q = np.array([1.0, 2.0, 3.0])
+    for res in [hash_duplicates(h, q, thr=0, window=w, keys=keys, embeddings=emb, confirm_thr=0.1) for w in (5, 0)] + \
+            [embedding_duplicates(torch.from_numpy(emb), q, thr=0.1, keys=keys)]:
+        # 0 and 1 apart; 2 joins the first of them (equal distances: the first link); both kept
+        assert res.kept_of.tolist() == [2, 1, 2] and res.keep.tolist() == [False, True, True]
+    assert hash_duplicates(h, thr=0).keep.sum() == 1  # without keys: one set, as before
+
+
+def test_a_set_never_chains_two_faces_of_one_picture():
+    # A and C of one frame; B (another frame) close to both: A-B at 0.005, B-C at 0.02. The
+    # all-pairs search finds the chain and rebuilds it closest first: B joins A, C stays alone,
+    # in any input order. The hash window links greedily in input order, so there B may join C
+    # instead; either way A and C never share a set.
+    emb = _unit([_turned(0), _turned(5.7), _turned(-11.5)])  # A, B, C
+    keys, q = np.array([1, 2, 1]), np.array([1.0, 3.0, 2.0])
+    for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+        o = np.array(order)
+        res = embedding_duplicates(torch.from_numpy(emb[o]), q[o], thr=0.05, keys=keys[o])
+        got = {order[i]: order[k] for i, k in enumerate(res.kept_of)}  # back to A, B, C
+        assert got == {0: 1, 1: 1, 2: 2}, order
+        for window in (5, 0):
+            hres = hash_duplicates(_packed(["0" * 64] * 3), q[o], thr=0, window=window, keys=keys[o],
+                                   embeddings=emb[o], confirm_thr=0.05)
+            a, c = int(np.flatnonzero(o == 0)[0]), int(np.flatnonzero(o == 2)[0])
+            assert hres.kept_of[a] != hres.kept_of[c] and hres.keep.sum() == 2, (order, window)
+            if window == 0:
+                assert np.array_equal(hres.kept_of, res.kept_of), order
+
+
+def test_join_closest_first_refuses_joins_of_one_picture():
+    # links 0-1 (0.1), 1-2 (0.2), 2-3 (0.3); faces 0 and 2 share a picture
+    labels = join_closest_first(4, np.array([2, 0, 1]), np.array([3, 1, 2]), np.array([0.3, 0.1, 0.2]),
+                                np.array([5, 6, 5, 7]))
+    assert labels.tolist() == [0, 0, 2, 2]  # 1-2 refused (0 and 2 would meet); 2-3 joins
+    assert join_closest_first(3, np.array([0, 1]), np.array([1, 2]), np.array([0.1, 0.2]),
+                              np.array([1, 2, 3])).tolist() == [0, 0, 0]
+
+
+def test_each_hash_link_is_confirmed_by_the_embeddings():
+    # A B C: all hashes within thr. A-B embeddings close (0.005), B-C and A-C far (>= 0.3):
+    # only the confirmed link A-B forms a set; C is not merged through B
+    h = _packed(["0" * 64, "1" + "0" * 63, "11" + "0" * 62])
+    emb = _unit([_turned(0), _turned(5.7), _turned(50)])
+    for window in (5, 0):
+        res = hash_duplicates(h, np.array([2.0, 1.0, 3.0]), thr=2, window=window, embeddings=emb, confirm_thr=0.1)
+        assert res.keep.tolist() == [True, False, True] and res.kept_of.tolist() == [0, 0, 2], window
+    # confirm_thr -1: the hash alone decides, as before (one set, C kept as the best)
+    assert hash_duplicates(h, np.array([2.0, 1.0, 3.0]), thr=2, confirm_thr=-1).keep.tolist() == [False, False, True]
+    with pytest.raises(ValueError, match="embeddings"):
+        hash_duplicates(h, thr=2, confirm_thr=0.1)
+
+
+def test_a_refused_window_link_sends_the_face_to_the_all_pairs_stage():
+    # P then Q1, Q2 with one hash: the window (size 1, holding P) links Q1 and Q2 to P, both
+    # refused by the embeddings; the all-pairs stage then finds Q1 ~ Q2
+    h = _packed(["0" * 64] * 3)
+    emb = _unit([_turned(0), _turned(60), _turned(62)])
+    res = hash_duplicates(h, np.array([1.0, 1.0, 2.0]), thr=0, window=1, embeddings=emb, confirm_thr=0.05)
+    assert res.keep.tolist() == [True, False, True] and res.kept_of.tolist() == [0, 2, 2]
+
+
+def test_embeddings_are_asked_for_hash_matched_faces_only():
+    """The deferred-embedding contract: faces without any hash match are never asked for (their
+    rows may stay NaN), every face with one is (window and all-pairs stages)."""
+    rows = ["0" * 64, "0" * 64, "1" * 64, "1" * 32 + "0" * 32, "0" * 8 + "1" * 56, "1" * 32 + "0" * 32]
+    full = _unit([_turned(0), _turned(1), _turned(90), _turned(45), _turned(120), _turned(46)])
+    asked = np.zeros(len(rows), bool)
+
+    def embeddings(needed):
+        asked[needed] = True
+        out = np.full_like(full, np.nan)
+        out[asked] = full[asked]
+        return out
+
+    res = hash_duplicates(_packed(rows), thr=0, window=1, embeddings=embeddings, confirm_thr=0.05)
+    assert asked.tolist() == [True, True, False, True, False, True]  # 0~1 (window), 3~5 (all pairs)
+    assert res.keep.tolist() == [True, False, True, True, True, False]
+
+
+def test_pipeline_dedup_fills_deferred_embeddings_to_confirm():
+    from tidyface.tasks import pipeline as pl
+    from tidyface.types import FaceTable
+
+    full = _unit([_turned(0), _turned(3), _turned(70), _turned(0)])
+    deferred = full.copy()
+    deferred[[1, 2]] = np.nan  # as video2faces leaves the faces the hash window linked
+    t = FaceTable.build(4, dim=4, name=["a", "b", "c", "d"], source=["v"] * 4, frame=[0, 1, 2, 2],
+                        hash=_packed(["0" * 64] * 4).numpy(), quality=[4.0, 3.0, 2.0, 1.0], embeddings=deferred)
+    calls = []
+
+    def fill(table, needed):
+        calls.append(needed.copy())
+        todo = needed & np.isnan(table.embeddings).any(1)
+        table.embeddings[todo] = full[todo]
+
+    out = pl.dedup(t, hash_thr=0, enc_dup_thr=-1, fill_embeddings=fill)
+    # b confirms (0.0014 from a), c is another person (0.66), d is of c's frame but a's twin
+    assert out.keep.tolist() == [True, False, True, False]
+    assert calls[0][[1, 2]].all() and not np.isnan(t.embeddings).any()
+    assert [(r["name"], r["kept"]) for r in out.logs[1]] == [("b", "a"), ("d", "a")]
+    # the hash alone (confirm_thr -1) merges c too; d still cannot join c's set (one frame)
+    assert pl.dedup(t, hash_thr=0, confirm_thr=-1).keep.tolist() == [True, False, False, True]

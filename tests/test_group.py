@@ -121,7 +121,7 @@ def test_cli_group_edge_cases(tmp_path):
     assert rows(out) == []
     # the same output folder again: refused, nothing touched
     r = _cli("group", empty, "--out", out)
-    assert r.returncode == 2 and "already holds files" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "already holds a tidyface group result" in r.stderr and "Traceback" not in r.stderr
     assert (out / "groups.csv").is_file()
     # one face: valid result (cluster mode cannot cluster one face: it says so)
     one = tmp_path / "one"

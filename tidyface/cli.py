@@ -106,7 +106,8 @@ def _embed(paths, o):
 def _group(_, o):
     from .tasks.group import run_group
 
-    run_group(options=o)
+    result = run_group(options=o)
+    _exit(1 if result.failed or not result.images else 0)
 
 
 def _video2faces(_, o):

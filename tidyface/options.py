@@ -372,6 +372,9 @@ class Video2FacesOptions(GroupingFlags, Common):
         for name, n in (("video_fragment", 2), ("video_area", 4), ("det_scale", 4)):
             setattr(self, name, parse_floats(getattr(self, name), n, name))
         self._check_geometry()
+        if any(c in self.out_prefix for c in "/\\\0:") or self.out_prefix.startswith("."):
+            raise UsageError(f"--out-prefix {self.out_prefix!r}: a prefix of file names cannot hold / \\ : or "
+                             f"start with a dot (the faces stay inside --out-dir)")
         self.enc_area = parse_area(self.enc_area)
         self.grouping(self.group_mode)
         if self.group_mode == "classify" and self.mode != "detection" and not self.ref_dir:

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import InputError
 
+RESULT_RECORD = Path(".tidyface") / "owner.json"  # what tasks/outdir.py writes into every result folder
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jp2", ".pgm", ".ppm"}
 
 
@@ -22,6 +23,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     import cv2
 
     path = Path(path)
+    if path.exists() and not path.is_file():  # a folder, FIFO or device would hang or mislead
+        raise ImageReadError(f"{path}: not a regular file")
     try:
         data = np.fromfile(path, dtype=np.uint8)  # works for non-ASCII paths, unlike cv2.imread
     except OSError as e:
@@ -66,11 +69,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def expand_paths(paths: Iterable[str | os.PathLike], exts=IMAGE_EXTS) -> Iterator[Path]:
     """Images named directly, found recursively in folders (sorted), or listed in .txt files
-    (one path per line, relative to the list's folder; blank lines and # comments skipped)."""
+    (one path per line, relative to the list's folder; blank lines and # comments skipped).
+    Folders that hold a tidyface result (`.tidyface/owner.json`) are not searched: a run never
+    reads an earlier run's output as its input."""
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            yield from sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in exts)
+            yield from sorted(_images_under(p, exts))
         elif p.suffix.lower() == ".txt" and p.is_file():
             for line in p.read_text().splitlines():
                 line = line.strip()
@@ -79,6 +84,19 @@ def expand_paths(paths: Iterable[str | os.PathLike], exts=IMAGE_EXTS) -> Iterato
                     yield q if q.is_absolute() else p.parent / q
         else:
             yield p
+
+
+def _images_under(folder: Path, exts) -> Iterator[Path]:
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        if (here / RESULT_RECORD).is_file():
+            dirs.clear()
+            continue
+        dirs[:] = [d for d in dirs if d != RESULT_RECORD.parts[0]]
+        for name in files:
+            q = here / name
+            if q.suffix.lower() in exts and q.is_file():  # is_file: regular files (no FIFOs)
+                yield q
 
 
 def to_tensor_batch(images: list[np.ndarray], device="cpu", dtype=None):

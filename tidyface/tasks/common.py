@@ -23,6 +23,13 @@ def load_models(models: ModelCache | None, device, weights_dir, *names: str) -> 
     return [cache.get(name, device, weights_dir) for name in names]
 
 
+def progress(total: int | None, unit: str, desc: str):
+    """A progress bar on stderr (counts and rates), off when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, disable=None, leave=False)
+
+
 def warn(msg: str) -> None:
     print(f"tidyface: warning: {msg}", file=sys.stderr, flush=True)
 

@@ -27,9 +27,10 @@ from ..ops.image import atomic_write_bytes, expand_paths, read_image, write_imag
 from ..options import CropOptions
 from ..types import Detections, Faces
 from . import pipeline as pl
-from .common import load_models, readable, warn
+from .common import load_models, progress, readable, warn
 from .landmark_files import LandmarkEntry, LandmarkFileError, match_inputs, read_landmark_file, reduce_to_five
 from .detect import DEFAULT_DETECTOR
+from .outdir import OutputFolder
 from .pipeline import DECA_BBOX_SCALE
 
 STRATEGIES = ("all", "largest", "best")
@@ -674,6 +675,7 @@ class CropSink:
     stems: dict
     ext: str
     suffixed: bool  # strategy all: name_0, name_1, ...
+    total: int | None = None  # images, for the progress bar
     records: dict = field(default_factory=dict)
     no_faces: list = field(default_factory=list)
     images: int = 0
@@ -682,6 +684,7 @@ class CropSink:
         self.out.mkdir(parents=True, exist_ok=True)
         self._journal = open(self.out / JOURNAL, "a", encoding="utf-8")
         self._pool = ThreadPoolExecutor(2)
+        self._bar = progress(self.total, "img", "crop")
         return self
 
     def add(self, batch: CropBatch) -> None:
@@ -700,8 +703,11 @@ class CropSink:
         os.fsync(self._journal.fileno())
         counts = torch.bincount(image_index, minlength=len(batch.keys)).tolist()
         self.no_faces += [key for key, c in zip(batch.keys, counts) if c == 0]
+        self._bar.update(len(batch.keys))
+        self._bar.set_postfix(crops=len(self.records))
 
     def __exit__(self, kind, *_):
+        self._bar.close()
         self._pool.shutdown()
         self._journal.close()
         _write_manifest(self.out, self.records)
@@ -728,17 +734,25 @@ def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None 
                       bbox_scale=o.bbox_scale, strategy=o.strategy, det_model=o.det_model,
                       det_threshold=o.det_threshold, device=o.device, batch_size=o.batch_size,
                       weights_dir=o.weights_dir, post=post, models=models)
-    files, root = plan_inputs(inputs, exclude=out)
-    if not files:
-        raise CropError("no images found in " + ", ".join(map(str, inputs)))
-    match = None
-    if o.landmarks is not None:
-        table = read_landmark_file(o.landmarks)
-        match = match_inputs(table, files, root)
-        _check_given_faces(cropper, match.faces, table.path)
-    else:  # the detector's weights before the output folder is touched
-        load_models(models, o.device, o.weights_dir, o.det_model)
-    _prepare_output(out, o.overwrite)
+    with OutputFolder(out, "crop", inputs) as folder:
+        files, root = plan_inputs(inputs, exclude=out)
+        if not files:
+            raise CropError("no images found in " + ", ".join(map(str, inputs)))
+        match = None
+        if o.landmarks is not None:
+            table = read_landmark_file(o.landmarks)
+            match = match_inputs(table, files, root)
+            _check_given_faces(cropper, match.faces, table.path)
+        else:  # the detector's weights before the output folder is touched
+            load_models(models, o.device, o.weights_dir, o.det_model)
+        folder.claim(False, resume=True)  # refuses another command's folder, before anything goes
+        _prepare_output(out, o.overwrite)  # crops.json names this command's files: exactly those go
+        folder.claim(o.overwrite, resume=True)
+        folder.record([MANIFEST, JOURNAL, *REPORT_FILES])
+        return _crop_into(out, cropper, files, root, match, o)
+
+
+def _crop_into(out: Path, cropper: Cropper, files: list[Path], root: Path, match, o: CropOptions) -> int:
     unreadable: list[Path] = []
     if match is None:
         items = cropper.detected(readable(files, unreadable))
@@ -747,7 +761,7 @@ def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None 
         face_points = {p: [e.points for e in entries] for p, entries in match.faces.items()}
         items = cropper.given(readable([f for f in files if f in match.faces], unreadable), face_points)
     try:
-        with CropSink(out, output_stems(files, root), o.ext, o.strategy == "all") as sink:
+        with CropSink(out, output_stems(files, root), o.ext, o.strategy == "all", total=len(files)) as sink:
             for batch in cropper.batches(items):
                 sink.add(batch)
     finally:

@@ -33,11 +33,12 @@ HASH_SIZE = 8  # 8x8 grey pixels -> 64-bit hash
 # than this are treated as identical, and every embedding threshold gets this slack.
 EMBEDDING_EPS = 1e-5
 DEFAULT_BLOCK = 2048  # tile side: a 2048x2048 float32 tile is 16 MiB
-# Cosine distance under which a hash link is confirmed (the mobilefacenet scale, video2faces'
-# default encoder). Measured on Video_2's labelled faces (tests/test_dedup_real.py): pairs of
-# different people were never closer than 0.45 (0.64 among the pairs within 8 hash bits), while
-# a hash link is already evidence of one scene, so confirming needs "not another person", not
-# pass 2's "the same picture again" (0.25 would refuse half of the same-person hash links).
+# Cosine distance under which a hash link is confirmed, on the scale of mobilefacenet (the
+# video2faces encoder). Measured on Video_2 (122 faces, all but 2 labelled; test_dedup_real.py):
+# different people were never closer than 0.454 (0.64 among pairs within 8 hash bits), same-person
+# pairs within 8 bits had a median of 0.26. A hash link already says "same scene", so confirming
+# it needs "not another person", with a margin below 0.454; pass 2's "same face again" scale
+# (--enc-dup-thr 0.25) would refuse half the same-person links (0.4 refuses 28%).
 HASH_CONFIRM_DIST = 0.4
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL "L" / OpenCV RGB2GRAY
 # MSB first: bit 0 of the (N,64) layout is the top-left pixel, as imagehash prints it.
@@ -340,52 +341,153 @@ class HashWindow:
         return best_j
 
 
-def hash_duplicates(hashes, quality=None, thr: int = 5, window: int = 5,
-                    block: int = DEFAULT_BLOCK) -> DedupResult:
-    """Duplicates by Hamming distance <= thr between 64-bit average hashes.
-
-    Two stages, as in video-to-faces tools: (1) in input order, each face is compared with the
-    last `window` faces that stage 1 kept (cheap; catches consecutive video frames) and, when
-    one is within thr, joins it and leaves the comparison; (2) the faces stage 1 kept are
-    compared all against all, in tiles. Sets are connected components of both stages' links;
-    each keeps its best `quality` face (None: the first). Stage 1 is sequential by definition
-    (what is kept depends on earlier decisions); it runs on Python ints, a few us per face
-    (100k video-like hashes, both stages: ~2 s on 2 busy cores).
-    window=0 skips stage 1. thr=-1: pass off; thr=0: identical hashes only.
-    """
-    _check_threshold(thr, "hash")
-    bits = hash_bits(hashes)
-    n = bits.shape[0]
-    if thr == -1:
-        return _disabled(n, "hash")
-    packed = (bits.long().cpu() * torch.from_numpy(_BIT_WEIGHTS)).sum(1).numpy()
-    links_i, links_j, survivors = [], [], []
+def _window_links(packed: np.ndarray, thr: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 1 over the faces in input order: (i, j) for each face i the window links to j."""
+    links_i, links_j = [], []
     stage1 = HashWindow(thr, window)
     for i, h in enumerate(packed.tolist()):
         j = stage1.link(i, h)
         if j >= 0:
             links_i.append(i)
             links_j.append(j)
-        else:
-            survivors.append(i)
-    labels = np.arange(n, dtype=np.int64)
-    if links_i:
-        labels = _merge(labels, np.asarray(links_i), np.asarray(links_j))
-    surv = np.asarray(survivors, dtype=np.int64)
-    f = bits[torch.from_numpy(surv).to(bits.device)].float()
+    return np.asarray(links_i, dtype=np.int64), np.asarray(links_j, dtype=np.int64)
 
-    def close(a, b):  # Hamming = |a| + |b| - 2 a.b, exact in float32 for 64 bits
-        return (a.sum(1, keepdim=True) + b.sum(1) - 2 * (a @ b.T)) <= thr + 0.5
 
-    if len(surv) > 1:
-        sub = close_pair_components(f, close, block)
-        labels = _merge(labels, surv, surv[sub])  # lift survivor sets back to all faces
+def _any_close(rows: np.ndarray, close: Callable[[Tensor, Tensor], Tensor], n: int,
+               block: int = DEFAULT_BLOCK) -> np.ndarray:
+    """(n,) bool: the faces of `rows` that close() pairs with another face of `rows`."""
+    idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    out = np.zeros(n, dtype=bool)
+    for r0 in range(0, len(idx), block):
+        for c0 in range(r0, len(idx), block):
+            hit = close(idx[r0:r0 + block], idx[c0:c0 + block])
+            if c0 == r0:
+                hit = torch.triu(hit, diagonal=1)
+            out[idx[r0:r0 + block].numpy()[hit.any(1).cpu().numpy()]] = True
+            out[idx[c0:c0 + block].numpy()[hit.any(0).cpu().numpy()]] = True
+    return out
 
-    def dist(i, j):
-        x = np.bitwise_xor(packed[i], packed[j]).view(np.uint64)
-        return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(1).astype(np.float64)
 
-    return _finish(labels, quality, dist)
+def _hamming(packed: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    x = np.bitwise_xor(packed[i], packed[j]).view(np.uint64)
+    return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(1).astype(np.float64)
+
+
+def _pair_cosine(x: Tensor, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Cosine distances of the row pairs (i, j) of x (rows normalised here), in bounded gathers
+    of 8192 pairs (a video's links can number in the hundred thousands)."""
+    out = np.empty(len(i))
+    step = 8192
+    for s in range(0, len(i), step):
+        a = F.normalize(x[torch.from_numpy(i[s:s + step]).to(x.device)].float(), dim=1)
+        b = F.normalize(x[torch.from_numpy(j[s:s + step]).to(x.device)].float(), dim=1)
+        out[s:s + step] = (1.0 - (a * b).sum(1)).clamp_min(0).double().cpu().numpy()
+    return out
+
+
+def _differ(keys: Tensor | None, ia: Tensor, ib: Tensor) -> Tensor | bool:
+    """(r,c) bool: the pairs that are not two faces of one picture (keys None: all)."""
+    if keys is None:
+        return True
+    return keys[ia.to(keys.device)][:, None] != keys[ib.to(keys.device)][None, :]
+
+
+class _HashLinks:
+    """The hash pass's link test over faces by index: Hamming <= thr, not two faces of one
+    picture (keys) and, when confirming (confirm_thr != -1), cosine distance <= confirm_thr.
+    Embeddings are asked for only for faces that have a hash match: `need` hands the caller's
+    embeddings(needed) the faces whose deferred embedding (video2faces) must be filled."""
+
+    def __init__(self, bits: Tensor, keys, thr: int, embeddings, confirm_thr: float):
+        self.bits, self.thr, self.source, self.confirm_thr = bits.float(), thr, embeddings, confirm_thr
+        self.keys = None if keys is None else torch.from_numpy(np.asarray(keys, dtype=np.int64)).to(bits.device)
+        self.emb = None
+
+    def need(self, needed: np.ndarray) -> None:
+        if self.confirm_thr == -1 or not needed.any():
+            return
+        e = self.source(needed) if callable(self.source) else self.source
+        self.emb = torch.as_tensor(e)
+        _unit_rows(self.emb[torch.from_numpy(np.flatnonzero(needed)).to(self.emb.device)])  # NaN: a bug upstream
+
+    def hashes_close(self, ia: Tensor, ib: Tensor) -> Tensor:
+        a, b = self.bits[ia.to(self.bits.device)], self.bits[ib.to(self.bits.device)]
+        # Hamming = |a| + |b| - 2 a.b, exact in float32 for 64 bits
+        return ((a.sum(1, keepdim=True) + b.sum(1) - 2 * (a @ b.T)) <= self.thr + 0.5) & _differ(self.keys, ia, ib)
+
+    def close(self, ia: Tensor, ib: Tensor) -> Tensor:
+        hit = self.hashes_close(ia, ib)
+        if self.confirm_thr == -1 or not bool(hit.any()):
+            return hit
+        dev = self.emb.device
+        a = F.normalize(self.emb[ia.to(dev)].float(), dim=1)
+        b = F.normalize(self.emb[ib.to(dev)].float(), dim=1)
+        return hit & ((a @ b.T) >= 1.0 - (self.confirm_thr + EMBEDDING_EPS)).to(hit.device)
+
+    def confirmed(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """(L,) bool over listed hash links (the window's)."""
+        ok = np.ones(len(i), dtype=bool)
+        if self.keys is not None:
+            k = self.keys.cpu().numpy()
+            ok &= k[i] != k[j]
+        if self.confirm_thr != -1 and len(i):
+            ok &= _pair_cosine(self.emb, i, j) <= self.confirm_thr + EMBEDDING_EPS
+        return ok
+
+    def links_within(self, members, li, lj, stage2, packed, block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The set's links, for _split_conflicts: its window links, and its stage-2 faces' pairs.
+        Joined closest first by cosine distance when confirming (by Hamming otherwise)."""
+        sel = np.isin(li, members)
+        pi, pj = _tile_pairs(members[np.isin(members, stage2)], self.close, block)
+        i, j = np.concatenate([li[sel], pi]), np.concatenate([lj[sel], pj])
+        d = _pair_cosine(self.emb, i, j) if self.confirm_thr != -1 else _hamming(packed, i, j)
+        return i, j, d
+
+
+def hash_duplicates(hashes, quality=None, thr: int = 5, window: int = 5, block: int = DEFAULT_BLOCK, *,
+                    keys=None, embeddings=None, confirm_thr: float = -1) -> DedupResult:
+    """Duplicates by Hamming distance <= thr between 64-bit average hashes.
+
+    Two stages, as in video-to-faces tools: (1) in input order, each face is compared with the
+    last `window` faces that stage 1 kept (cheap; catches consecutive video frames) and, when
+    one is within thr, joins it and leaves the comparison; (2) the other faces are compared all
+    against all, in tiles. Sets are connected components of both stages' links; each keeps its
+    best `quality` face (None: the first). Stage 1 is sequential by definition (what is kept
+    depends on earlier decisions); it runs on Python ints, a few us per face (100k video-like
+    hashes, both stages: ~2 s on 2 busy cores). window=0 skips stage 1. thr=-1: pass off;
+    thr=0: identical hashes only.
+
+    keys (N,) (frame_keys): faces of one picture are never linked, and no set holds two of them
+    (see _split_conflicts). confirm_thr (cosine distance, -1: off; HASH_CONFIRM_DIST is the
+    measured choice): a link counts only if the faces' embeddings are that close too; a window
+    link refused this way sends its face to stage 2. embeddings: (N,D), or a callable
+    embeddings(needed (N,) bool) -> (N,D) whose `needed` rows are filled (the others may be
+    NaN): it is asked for the faces with a hash match only, in two calls.
+    """
+    _check_threshold(thr, "hash")
+    _check_threshold(confirm_thr, "hash-confirming")
+    bits = hash_bits(hashes)
+    n = bits.shape[0]
+    if thr == -1:
+        return _disabled(n, "hash")
+    if confirm_thr != -1 and embeddings is None:
+        raise ValueError("confirm_thr needs the faces' embeddings")
+    packed = (bits.long().cpu() * torch.from_numpy(_BIT_WEIGHTS)).sum(1).numpy()
+    test = _HashLinks(bits, keys, thr, embeddings, confirm_thr)
+    li, lj = _window_links(packed, thr, window)
+    needed = np.zeros(n, dtype=bool)
+    needed[li], needed[lj] = True, True
+    test.need(needed)
+    ok = test.confirmed(li, lj)
+    li, lj = li[ok], lj[ok]
+    labels = _merge(np.arange(n, dtype=np.int64), li, lj) if len(li) else np.arange(n, dtype=np.int64)
+    stage2 = np.setdiff1d(np.arange(n), li)  # the window's survivors and the faces it linked in vain
+    if len(stage2) > 1:
+        test.need(_any_close(stage2, test.hashes_close, n, block))
+        sub = close_pair_components(torch.from_numpy(stage2), test.close, block)
+        labels = _merge(labels, stage2, stage2[sub])  # lift stage-2 sets back to all faces
+    labels = _split_conflicts(labels, keys, lambda m: test.links_within(m, li, lj, stage2, packed, block))
+    return _finish(labels, quality, lambda i, j: _hamming(packed, i, j))
 
 
 def _unit_rows(emb) -> Tensor:
@@ -403,13 +505,14 @@ def _unit_rows(emb) -> Tensor:
     return x / norm
 
 
-def embedding_duplicates(emb, quality=None, thr: float = 0.05,
-                         block: int = DEFAULT_BLOCK) -> DedupResult:
+def embedding_duplicates(emb, quality=None, thr: float = 0.05, block: int = DEFAULT_BLOCK, *,
+                         keys=None) -> DedupResult:
     """Duplicates by cosine distance (1 - cos) <= thr between L2-normalised embeddings (N,D).
 
     Blocked all-pairs search (block x block tiles of one matmul each, only pairs under the
     threshold leave a tile), connected components, best `quality` face kept per set.
-    thr=-1: pass off; thr=0: identical only (within EMBEDDING_EPS).
+    thr=-1: pass off; thr=0: identical only (within EMBEDDING_EPS). keys (N,) (frame_keys):
+    faces of one picture are never linked, and no set holds two of them (_split_conflicts).
     """
     _check_threshold(thr, "embedding")
     x = _unit_rows(emb)
@@ -417,15 +520,15 @@ def embedding_duplicates(emb, quality=None, thr: float = 0.05,
     if thr == -1:
         return _disabled(n, "embedding")
     limit = 1.0 - (thr + EMBEDDING_EPS)  # cos >= limit  <=>  distance <= thr + eps
-    labels = close_pair_components(x, lambda a, b: (a @ b.T) >= limit, block)
+    k = None if keys is None else torch.from_numpy(np.asarray(keys, dtype=np.int64)).to(x.device)
 
-    def dist(i, j):
-        out = np.empty(len(i))
-        step = 8192  # bounded gathers: 2 x 8192 rows at a time
-        for s in range(0, len(i), step):
-            ii = torch.from_numpy(i[s:s + step]).to(x.device)
-            jj = torch.from_numpy(j[s:s + step]).to(x.device)
-            out[s:s + step] = (1.0 - (x[ii] * x[jj]).sum(1)).clamp_min(0).double().cpu().numpy()
-        return out
+    def close(ia, ib):  # index tiles: the rows are gathered (a copy of 2 tiles, small beside the matmul)
+        ia, ib = ia.to(x.device), ib.to(x.device)
+        return ((x[ia] @ x[ib].T) >= limit) & _differ(k, ia, ib)
 
-    return _finish(labels, quality, dist)
+    def links_within(members):
+        i, j = _tile_pairs(members, close, block)
+        return i, j, _pair_cosine(x, i, j)
+
+    labels = _split_conflicts(close_pair_components(torch.arange(n), close, block), keys, links_within)
+    return _finish(labels, quality, lambda i, j: _pair_cosine(x, i, j))

@@ -1,6 +1,7 @@
 """Face detection over images: batched by size, any registered detector, one Detections type."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -14,7 +15,8 @@ from ..errors import UsageError
 from ..ops.image import expand_paths, write_image
 from ..options import DetectOptions
 from ..types import Detections
-from .common import load_models, readable, warn
+from .common import load_models, progress, readable, warn
+from .outdir import OutputFolder
 from .pipeline import detect_stream
 
 DEFAULT_DETECTOR = "retinaface_mnet025"
@@ -66,20 +68,28 @@ def run_detect(paths: Sequence[str], o: DetectOptions, models: ModelCache | None
     images unreadable, or none found)."""
     if not paths:
         raise UsageError("give at least one image, folder or .txt list")
+    folder = OutputFolder(o.out, "detect", paths) if o.out else None
+    if folder is not None:
+        folder.check()
     files = list(expand_paths(paths))
-    root = Path(os.path.commonpath([str(p.resolve().parent) for p in files])) if files else Path(".")
-    (detector,) = load_models(models, o.device, o.weights_dir, o.model)
-    failed: list[Path] = []
-    stream = detect_stream(readable(files, failed), detector, min_score=o.min_score, max_size=o.max_size,
-                           batch_size=o.batch_size)
-    for path, image, dets in stream:
-        h, w = image.shape[:2]
-        rec = {"image": str(path), "width": w, "height": h, "faces": dets.to_records(1)[0]}
-        sys.stdout.write(json.dumps(rec) + "\n")
-        sys.stdout.flush()
-        if o.out:
-            write_image(Path(o.out) / path.resolve().relative_to(root), draw(image, dets))
     if not files:
         warn("no images found in " + ", ".join(map(str, paths)))
         return 1
+    root = Path(os.path.commonpath([str(p.resolve().parent) for p in files]))
+    (detector,) = load_models(models, o.device, o.weights_dir, o.model)
+    if folder is not None:
+        folder.claim(False, resume=True)  # its own earlier drawings are redrawn; nobody else's
+    failed: list[Path] = []
+    with folder or contextlib.nullcontext(), progress(len(files), "img", "detect") as bar:
+        for path, image, dets in detect_stream(readable(files, failed), detector, min_score=o.min_score,
+                                               max_size=o.max_size, batch_size=o.batch_size):
+            h, w = image.shape[:2]
+            rec = {"image": str(path), "width": w, "height": h, "faces": dets.to_records(1)[0]}
+            sys.stdout.write(json.dumps(rec) + "\n")
+            sys.stdout.flush()
+            if folder is not None:
+                rel = path.resolve().relative_to(root)
+                folder.record([rel.parts[0]])
+                write_image(folder.path / rel, draw(image, dets))
+            bar.update(1)
     return 1 if failed else 0

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..cache import ModelCache
-from ..errors import InputError, OutputError
+from ..errors import InputError
 from ..models.base import model_device
 from ..ops.align import template_for
 from ..ops.image import IMAGE_EXTS, atomic_write_bytes, expand_paths, write_image
@@ -31,6 +31,7 @@ from . import grouping as gp
 from . import pipeline as pl
 from .common import load_models, readable
 from .embed import embed_images
+from .outdir import OutputFolder
 
 VIEW_SIZE = 256  # side of the aligned face pictures written into the group folders
 VIEW_FACE_FACTOR = 0.5  # a little hair and chin around the face (see ops.align.template_for)
@@ -51,23 +52,12 @@ def write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str] | None = N
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """An empty output folder, or a refusal: results of two runs are never mixed."""
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputError(f"{out} already holds files; choose another --out or pass "
-                              f"--overwrite to replace an earlier tidyface group result there")
-        if not (out / MANIFEST).is_file():
-            raise OutputError(f"{out} holds files that are not a tidyface group result; "
-                              f"--overwrite only replaces a folder with a {MANIFEST}")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def flat_names(files: Sequence[Path], root: Path) -> dict[Path, str]:
+    """A picture name per input, unique within the collection: sub/dir/a.jpg -> sub__dir__a
+    (a.jpg and a.png in one folder keep their extension: a.jpg, a.png)."""
+    from .crop import output_stems
 
-
-def flat_name(path: Path, root: Path) -> str:
-    """A file name unique within the collection: sub/dir/a.jpg -> sub__dir__a."""
-    rel = path.resolve().relative_to(root) if root in path.resolve().parents else Path(path.name)
-    return "__".join(rel.with_suffix("").parts)
+    return {f: stem.replace("/", "__") for f, stem in output_stems(files, root).items()}
 
 
 def _write_views(views: Faces, stage: Path, stem: str) -> list[str]:
@@ -78,7 +68,7 @@ def _write_views(views: Faces, stage: Path, stem: str) -> list[str]:
     return names
 
 
-def collect_photo_faces(files: list[Path], root: Path, stage: Path, encoder, detector,
+def collect_photo_faces(files: list[Path], names: dict[Path, str], stage: Path, encoder, detector,
                         o: GroupCommandOptions) -> tuple[FaceTable, int]:
     """detect -> align -> embed every face; an upright picture of each (VIEW) goes to `stage`
     and is what dedup measures. -> the face table, the number of unreadable files."""
@@ -92,22 +82,22 @@ def collect_photo_faces(files: list[Path], root: Path, stage: Path, encoder, det
         if len(faces) == 0:
             continue
         views = pl.describe(pl.align([pl.as_chw(img)], faces.detections.to("cpu"), VIEW))
-        names = _write_views(views, stage, flat_name(path, root))
+        pictures = _write_views(views, stage, names[path])
         views = replace(views, embeddings=faces.embeddings.cpu())
-        parts.append(FaceTable.from_faces(views, name=names, source=[str(path)] * len(views)))
+        parts.append(FaceTable.from_faces(views, name=pictures, source=[str(path)] * len(views)))
         bar.set_postfix(faces=sum(map(len, parts)))
     bar.close()
     return FaceTable.cat(parts) if parts else FaceTable.empty(encoder.spec.meta.embedding_dim), len(failed)
 
 
-def collect_crops(files: list[Path], root: Path, stage: Path, encoder, o: GroupCommandOptions
+def collect_crops(files: list[Path], names: dict[Path, str], stage: Path, encoder, o: GroupCommandOptions
                   ) -> tuple[FaceTable, int]:
     """Face crops as given: each file is one face (its whole image the face box), copied as it is."""
     parts, failed, crops = [], [], []
     dev = model_device(encoder)
     geometry = pl.BoxArea(tuple(encoder.spec.meta.input_size), o.enc_area or (0.0, 0.0, 1.0, 1.0))
     for path, im in readable(files, failed):
-        name = flat_name(path, root) + path.suffix.lower()
+        name = names[path] + path.suffix.lower()
         shutil.copyfile(path, stage / name)
         h, w = im.shape[:2]
         whole = Detections(torch.tensor([[0.0, 0.0, w, h]]), torch.ones(1), None, torch.zeros(1, dtype=torch.long))
@@ -140,6 +130,7 @@ class GroupResult:
     grouping: gp.Grouping | None
     dropped: int
     failed: int
+    images: int = 0
 
 
 def _group_kept(table: FaceTable, kept: np.ndarray, o: GroupCommandOptions, encoder, detector) -> gp.Grouping:
@@ -177,29 +168,38 @@ def run_group(path: str | None = None, out: str | None = None, *, options: Group
               models: ModelCache | None = None, **flags) -> GroupResult:
     """Group the faces under `path` by person into `out` (flags: the fields of
     GroupCommandOptions, or `options` whole; see `tidyface group --help`)."""
-    t0 = time.time()
     o = options or GroupCommandOptions(path=path, out=out, **flags)
-    src, out = Path(o.path), Path(o.out)
+    src = Path(o.path)
     if not src.exists():
         raise InputError(f"{src}: no such file or folder")
-    files = [p for p in expand_paths([src]) if p.suffix.lower() in IMAGE_EXTS]
-    root = src.resolve() if src.is_dir() else src.resolve().parent
-    names = (o.enc_model,) if o.cropped and o.mode != "classify" else (o.enc_model, o.det_model)
-    encoder, *rest = load_models(models, o.device, o.weights_dir, *names)
-    detector = rest[0] if rest else None
-    prepare_out(out, o.overwrite)
+    with OutputFolder(o.out, "group", [src]) as folder:
+        files = [p for p in expand_paths([src]) if p.suffix.lower() in IMAGE_EXTS]
+        names = (o.enc_model,) if o.cropped and o.mode != "classify" else (o.enc_model, o.det_model)
+        encoder, *rest = load_models(models, o.device, o.weights_dir, *names)
+        folder.claim(o.overwrite, others_files=False)
+        return _group_into(folder, files, src, o, encoder, rest[0] if rest else None)
+
+
+def _group_into(folder: OutputFolder, files: list[Path], src: Path, o: GroupCommandOptions, encoder,
+                detector) -> GroupResult:
+    t0, out = time.time(), folder.path
     stage = out / ".staging"
+    folder.record([stage.name])  # an interrupted run leaves it: --overwrite removes it
+    shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
+    names = flat_names(files, src.resolve() if src.is_dir() else src.resolve().parent)
     if o.cropped:
-        table, failed = collect_crops(files, root, stage, encoder, o)
+        table, failed = collect_crops(files, names, stage, encoder, o)
     else:
-        table, failed = collect_photo_faces(files, root, stage, encoder, detector, o)
+        table, failed = collect_photo_faces(files, names, stage, encoder, detector, o)
     outcome = pl.dedup(table, o.hash_thr, o.enc_dup_thr)
     kept = np.flatnonzero(outcome.keep)
     grouping = _group_kept(table, kept, o, encoder, detector) if len(kept) else None
     if grouping is None:
         print(f"tidyface: no faces found in {src}; {out} holds an empty {MANIFEST}", file=sys.stderr)
     log_names = [table.name[i] for i in kept]
+    folder.record({str(Path(n).parts[0]) for n in _destinations(table, outcome.keep, grouping, o)}
+                  | {MANIFEST, LOG, "dedup_log.csv"})
     rows = _sink(out, stage, table, outcome.keep, grouping, o)
     shutil.rmtree(stage)
     _write_records(out, table, outcome, rows, grouping, log_names, o.group_log)
@@ -207,7 +207,15 @@ def run_group(path: str | None = None, out: str | None = None, *, options: Group
     print(f"tidyface: {len(files)} images, {len(table)} faces ({len(table) - len(kept)} duplicates), "
           f"{failed} unreadable; groups: " + (", ".join(f"{g}={n}" for g, n in sizes.items()) or "none")
           + f"; {time.time() - t0:.1f} s -> {out}", file=sys.stderr)
-    return GroupResult(out, table, grouping, int((~outcome.keep).sum()), failed)
+    return GroupResult(out, table, grouping, int((~outcome.keep).sum()), failed, len(files))
+
+
+def _destinations(table: FaceTable, keep: np.ndarray, grouping, o) -> list[str]:
+    """The top-level folders the pictures go to (recorded before they are moved there)."""
+    groups = set(grouping.labels) if grouping is not None else set()
+    if grouping is not None and o.clusters_save_all and o.mode == "cluster":
+        groups |= {f"G{k}" for k in grouping.details.get("labels_per_k", {})}
+    return sorted(groups | ({DUPES} if (~keep).any() else set()))
 
 
 def _write_records(out: Path, table: FaceTable, outcome: pl.DedupOutcome, rows: list[dict], grouping,

@@ -289,23 +289,36 @@ class DedupOutcome:
 
 
 def dedup(table: FaceTable, hash_thr: int = -1, enc_dup_thr: float = -1,
-          fill_embeddings: Callable[[FaceTable, np.ndarray], None] | None = None) -> DedupOutcome:
+          fill_embeddings: Callable[[FaceTable, np.ndarray], None] | None = None,
+          confirm_thr: float = dd.HASH_CONFIRM_DIST) -> DedupOutcome:
     """The dedup step: the cheap hash pass over all faces, then the embedding pass over what
-    survived it; each duplicate set keeps its best-quality face. fill_embeddings(table, needed)
-    is called between the passes for tables whose embeddings were deferred (NaN rows)."""
+    survived it; each duplicate set keeps its best-quality face. Two faces of one picture (a
+    video frame, a photo) are never duplicates, and a hash match drops a face only if their
+    embeddings agree (cosine distance <= confirm_thr; -1: the hash alone decides).
+    fill_embeddings(table, needed (N,) bool) fills deferred (NaN) embeddings in place: called
+    for the faces with a hash match (to confirm it), then for every face the hash pass keeps."""
     n = len(table)
     keep = np.ones(n, bool)
     logs: dict[int, list[dict]] = {}
     names = [str(v) for v in table.name]
+    keys = dd.frame_keys(table.source, table.frame)
+
+    def embeddings(needed: np.ndarray) -> np.ndarray:
+        if fill_embeddings is not None:
+            fill_embeddings(table, needed)
+        return table.embeddings
+
     if n and hash_thr != -1:
-        r = dd.hash_duplicates(torch.from_numpy(table.hash), table.quality, hash_thr)
+        r = dd.hash_duplicates(torch.from_numpy(table.hash), table.quality, hash_thr, keys=keys,
+                               embeddings=embeddings, confirm_thr=confirm_thr)
         keep &= r.keep
         logs[1] = dd.dedup_log_rows(r, names)
     if fill_embeddings is not None:
         fill_embeddings(table, keep)
     if keep.any() and enc_dup_thr != -1:
         idx = np.flatnonzero(keep)
-        r = dd.embedding_duplicates(torch.from_numpy(table.embeddings[idx]), table.quality[idx], enc_dup_thr)
+        r = dd.embedding_duplicates(torch.from_numpy(table.embeddings[idx]), table.quality[idx], enc_dup_thr,
+                                    keys=keys[idx])
         keep[idx[~r.keep]] = False
         logs[2] = dd.dedup_log_rows(r, [names[i] for i in idx])
     return DedupOutcome(keep, logs)
@@ -353,10 +366,14 @@ def group(embeddings: Tensor, options: GroupOptions, encoder_spec=None,
 
 def reference_embeddings(ref_dir: Path, encoder, detector, *, min_score=None, area=None,
                          batch_size: int = 32) -> tuple[Tensor, list[str]]:
-    """One embedding per reference image, labelled by its subfolder: its largest face, or the
-    whole image when no face is found (the reference is already a crop)."""
+    """One embedding per reference image, labelled by its subfolder: its largest face. An image
+    with no detectable face is left out with a warning naming it: embedded whole, a blank or
+    non-face image became a "person" that drew faces to itself. Face crops need no exception:
+    the detector finds the face in tight crops (every crop of Video_2's database, padded or not;
+    tests/test_dedup_real.py). A person left without a usable image is an InputError."""
     from ..errors import InputError
     from ..ops.image import expand_paths, read_image
+    from .common import warn
 
     classes = sorted(d for d in ref_dir.iterdir() if d.is_dir())
     if not classes:
@@ -366,28 +383,23 @@ def reference_embeddings(ref_dir: Path, encoder, detector, *, min_score=None, ar
     for c in classes:
         for p in expand_paths([c]):
             try:
-                images.append((c.name, read_image(p)))
+                images.append(((c.name, p), read_image(p)))
             except ValueError as e:
-                from .common import warn
-
                 warn(str(e))
     labels, embs = [], []
     dev = model_device(encoder)
     geometry = encoder_geometry(encoder, area)
-    whole = BoxArea(geometry.size, tuple(area) if area else (0.0, 0.0, 1.0, 1.0))
-    for label, img, det in detect_stream(images, detector, min_score=min_score, batch_size=1):
-        g = geometry
-        if len(det):
-            b = det.boxes
-            det = det.select(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).argmax().reshape(1))
-        else:  # no face found: the reference is a crop already, and all of it is the face
-            h, w = img.shape[:2]
-            det = Detections(torch.tensor([[0.0, 0.0, w, h]]), torch.ones(1), None, torch.zeros(1, dtype=torch.long))
-            g = whole
-        faces = align([as_chw(img, dev)], det, g)
+    for (label, path), img, det in detect_stream(images, detector, min_score=min_score, batch_size=1):
+        if not len(det):
+            warn(f"{path}: no face found in this reference image; it is left out")
+            continue
+        b = det.boxes
+        det = det.select(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).argmax().reshape(1))
+        faces = align([as_chw(img, dev)], det, geometry)
         embs.append(encode(encoder, faces.crops, batch_size).cpu())
         labels.append(label)
-    missing = {c.name for c in classes} - set(labels)
+    missing = [str(c) for c in classes if c.name not in set(labels)]
     if missing:
-        raise InputError(f"{ref_dir}: no readable reference image in {', '.join(sorted(missing))}")
+        raise InputError(f"{', '.join(missing)}: no usable reference image (none readable with a detectable "
+                         f"face); add a picture of the person's face there, or remove the folder")
     return torch.cat(embs), labels

@@ -38,6 +38,7 @@ from . import dedup as dd
 from . import pipeline as pl
 from .common import load_models, warn
 from .group import write_csv
+from .outdir import OutputFolder
 from .video_report import draw_frame, reject_row, warm_imports, write_index
 
 STATE = ".tidyface"
@@ -107,12 +108,6 @@ class Workspace:
 
     def crops_path(self, key: str) -> Path:
         return self.state / f"video_{key}.crops"
-
-    def clear(self) -> None:
-        for p in (self.state, self.faces, self.inter, self.out / "groups"):
-            shutil.rmtree(p, ignore_errors=True)
-        for f in ("groups.csv", "index.html"):
-            (self.out / f).unlink(missing_ok=True)
 
     def done_tables(self, manifest: dict) -> tuple[FaceTable, list[str], np.ndarray]:
         """The face tables of every finished video, joined; their keys, and which of them
@@ -332,6 +327,7 @@ class VideoStats:
     ended_early: bool = False
     error: str = ""
     seconds: float = 0.0
+    duration_s: float | None = None  # what the container says
 
 
 @dataclass
@@ -454,6 +450,7 @@ def detect_video(path: Path, key: str, prefix: str, o: Video2FacesOptions, ws: W
         source.close()
         bar.close()
     sink.stats.ended_early, sink.stats.error = source.ended_early, source.error
+    sink.stats.duration_s = info.duration_s
     if (table.crop_index >= 0).any():
         # The video's hash pass, as grouping will run it: the deferred faces it keeps are
         # embedded now; the dropped ones stay NaN (grouping embeds any it keeps otherwise).
@@ -506,6 +503,7 @@ def _write_group_records(ws: Workspace, table: FaceTable, outcome: pl.DedupOutco
                          grouping, o) -> dict[str, list[str]]:
     """groups.csv (duplicates too), the dedup and grouping logs, index.html; -> the groups."""
     kept = np.flatnonzero(outcome.keep)
+    _remove_stale_logs(ws, o)
     for i in np.flatnonzero(~outcome.keep):
         rows.append({"file": f"faces/{table.name[i]}", "frame": int(table.frame[i]),
                      "face_index": int(table.face_index[i]), "group": "duplicate", "distance": "",
@@ -525,6 +523,17 @@ def _write_group_records(ws: Workspace, table: FaceTable, outcome: pl.DedupOutco
     groups = {} if grouping is None else {g: [names[i] for i in idx] for g, idx in grouping.groups().items()}
     write_index(ws.out, groups, f"tidyface video2faces: {len(kept)} faces in {len(groups)} groups")
     return groups
+
+
+def _remove_stale_logs(ws: Workspace, o) -> None:
+    """Logs of an earlier grouping that this one does not write again would describe other
+    settings: they go."""
+    if not o.group_log:
+        (ws.out / "log_grouping.csv").unlink(missing_ok=True)
+    if not o.save_dupes:
+        for p in (1, 2):
+            shutil.rmtree(ws.inter / f"dupes{p}", ignore_errors=True)
+            (ws.inter / f"log_dupes{p}.csv").unlink(missing_ok=True)
 
 
 def group_stage(o: Video2FacesOptions, ws: Workspace, manifest: dict, models: ModelCache | None) -> dict:
@@ -565,18 +574,21 @@ def default_out_dir(inp: Path) -> Path:
     return inp.parent / f"{inp.stem if inp.is_file() else inp.name}_faces"
 
 
-def _open_workspace(o: Video2FacesOptions, ws: Workspace, videos: list[Path]) -> dict:
+RESULT_ENTRIES = ("faces", "groups", "intermediate", "groups.csv", "index.html", "log_grouping.csv",
+                  f"{STATE}/manifest.json")
+
+
+def _open_workspace(o: Video2FacesOptions, ws: Workspace, videos: list[Path], folder: OutputFolder) -> dict:
     """The manifest to continue: this run's own (resume), or a new one; a folder holding other
-    results is refused before anything is written."""
+    results is refused before anything is written; --overwrite removes exactly the earlier
+    run's files."""
+    if folder.owner() is None and ws.faces.is_dir() and any(ws.faces.iterdir()):
+        raise Video2FacesError(f"{ws.faces} already holds files that are not from a tidyface run; "
+                               f"choose another --out-dir")
+    folder.claim(o.overwrite, resume=True)
     man = ws.manifest()
     # resolved: the same videos named from another folder, or relatively, are the same inputs
     sig, listing = o.detection_signature(), [str(p.resolve()) for p in videos]
-    if man is not None and o.overwrite:
-        ws.clear()
-        man = None
-    elif man is None and ws.faces.exists() and any(ws.faces.iterdir()):
-        raise Video2FacesError(f"{ws.faces} already holds files that are not from a tidyface run; "
-                               f"choose another --out-dir")
     if man is not None and man.get("version") != MANIFEST_VERSION:
         raise Video2FacesError(f"{ws.out} holds results of an older tidyface (manifest version "
                                f"{man.get('version')}); pass --overwrite to redo them, or use another --out-dir")
@@ -584,6 +596,7 @@ def _open_workspace(o: Video2FacesOptions, ws: Workspace, videos: list[Path]) ->
         raise Video2FacesError(f"{ws.out} holds results of a run with other inputs or detection settings; "
                                f"re-run with the same ones to resume, use another --out-dir, or pass "
                                f"--overwrite to replace them")
+    folder.record(RESULT_ENTRIES)
     return man or {"version": MANIFEST_VERSION, "detection": sig, "inputs": listing, "videos": {}}
 
 
@@ -593,7 +606,12 @@ def _detect_one(k: int, path: Path, multi: bool, o, ws: Workspace, man: dict, mo
     rec = man["videos"].get(key)
     if rec and rec.get("status") == "done" and ws.table_path(key).is_file():
         print(f"tidyface: {path.name}: done in an earlier run, skipped", file=sys.stderr)
-        return rec.get("rejects", [])
+        saved = rec.get("saved", {})
+        missing = [f"--save-{k}" for k in ("rejects", "frames") if getattr(o, f"save_{k}") and not saved.get(k)]
+        if missing:
+            warn(f"{path.name} was processed without {' and '.join(missing)}: nothing of it is saved now "
+                 f"(--overwrite redoes the run with them)")
+        return [{**r, "file_name": r["file_name"] if saved.get("rejects") else ""} for r in rec.get("rejects", [])]
     detector, encoder = load_models(models, o.device, o.weights_dir, o.det_model, o.enc_model)
     prefix = o.out_prefix + (f"{key}_" if multi else "")
     try:
@@ -608,20 +626,25 @@ def _detect_one(k: int, path: Path, multi: bool, o, ws: Workspace, man: dict, mo
     if st.ended_early:
         warn(f"{path}: the video ended after {st.frames} sampled frames, earlier than its metadata "
              f"promised (truncated or corrupt?); faces found up to there are kept")
-    if st.faces == 0:
+    start = o.video_fragment[0] * 60 if o.video_fragment else 0
+    if st.frames == 0 and st.duration_s is not None and start >= st.duration_s:
+        warn(f"{path}: --video-fragment starts at {start:g} s, after the video's end ({st.duration_s:.1f} s): "
+             f"no frames sampled")
+    elif st.faces == 0:
         warn(f"{path}: no faces found in {st.frames} sampled frames")
     man["videos"][key] = {"path": str(path), "status": "done", "frames": st.frames, "faces": st.faces,
                           "rejected": st.rejected, "ended_early": st.ended_early, "rejects": rejects,
+                          "saved": {"rejects": o.save_rejects, "frames": o.save_frames},
                           "seconds": round(st.seconds, 2)}
     ws.save_manifest(man)
     return rejects
 
 
-def detection_stage(o: Video2FacesOptions, ws: Workspace, inp: Path, models) -> dict:
+def detection_stage(o: Video2FacesOptions, ws: Workspace, inp: Path, models, folder: OutputFolder) -> dict:
     videos = video_list(inp, o.input_ext)
-    man = _open_workspace(o, ws, videos)
     # weights before the first write: a run that cannot get them leaves no folder behind
     load_models(models, o.device, o.weights_dir, o.det_model, o.enc_model)
+    man = _open_workspace(o, ws, videos, folder)
     extra = ((ws.inter / "frames",) if o.save_frames else ()) + ((ws.inter / "rejects",) if o.save_rejects else ())
     for d in (ws.faces, ws.state) + extra:
         d.mkdir(parents=True, exist_ok=True)
@@ -633,6 +656,8 @@ def detection_stage(o: Video2FacesOptions, ws: Workspace, inp: Path, models) -> 
     with ThreadPoolExecutor(2) as writer:
         for k, path in enumerate(videos, 1):
             rejects += _detect_one(k, path, multi, o, ws, man, models, writer)
+            folder.record([ws.table_path(f"{k:02d}").relative_to(ws.out).as_posix(),
+                           ws.crops_path(f"{k:02d}").relative_to(ws.out).as_posix()])
     if o.save_rejects:
         write_csv(ws.inter / "log_rejects.csv", rejects)
     return man
@@ -645,26 +670,32 @@ def run_video2faces(o: Video2FacesOptions, models: ModelCache | None = None) -> 
     inp = Path(o.input) if o.input else None
     out = Path(o.out_dir) if o.out_dir else default_out_dir(inp)
     ws = Workspace(out)
-    if o.mode == "grouping":
-        man = ws.manifest()
-        if man is None:
-            raise Video2FacesError(f"{out}: no detection results here (no {STATE}/manifest.json); run "
-                                   f"--mode detection or full first, with the same --out-dir")
-    else:
-        man = detection_stage(o, ws, inp, models)
-    done = [v for v in man["videos"].values() if v.get("status") == "done"]
-    summary = {"videos": len(done), "failed": [v["path"] for v in man["videos"].values() if v.get("status") == "failed"],
-               "frames": sum(v["frames"] for v in done), "faces": sum(v["faces"] for v in done),
-               "rejected": sum(v["rejected"] for v in done), "duplicates": 0, "groups": {}, "out": str(out)}
-    if o.mode != "detection":
-        g = group_stage(o, ws, man, models)
-        summary["duplicates"], summary["groups"] = g["duplicates"], g["groups"]
+    with OutputFolder(out, "video2faces", [inp] if inp else [], "--out-dir") as folder:
+        if o.mode == "grouping":
+            man = ws.manifest()
+            if man is None:
+                raise Video2FacesError(f"{out}: no detection results here (no {STATE}/manifest.json); run "
+                                       f"--mode detection or full first, with the same --out-dir")
+            folder.claim(False, resume=True)
+        else:
+            man = detection_stage(o, ws, inp, models, folder)
+        summary = _summary(man, out)
+        if o.mode != "detection":
+            g = group_stage(o, ws, man, models)
+            summary["duplicates"], summary["groups"] = g["duplicates"], g["groups"]
     summary["seconds"] = round(time.time() - t0, 1)
     groups = ", ".join(f"{k}={v}" for k, v in sorted(summary["groups"].items(), key=lambda kv: (-kv[1], kv[0])))
     print(f"tidyface: {summary['videos']} videos ({len(summary['failed'])} failed), {summary['frames']} frames, "
           f"{summary['faces']} faces kept, {summary['rejected']} rejected, {summary['duplicates']} duplicates; "
           f"groups: {groups or 'none'}; {summary['seconds']} s -> {out}", file=sys.stderr)
     return summary
+
+
+def _summary(man: dict, out: Path) -> dict:
+    done = [v for v in man["videos"].values() if v.get("status") == "done"]
+    return {"videos": len(done), "failed": [v["path"] for v in man["videos"].values() if v.get("status") == "failed"],
+            "frames": sum(v["frames"] for v in done), "faces": sum(v["faces"] for v in done),
+            "rejected": sum(v["rejected"] for v in done), "duplicates": 0, "groups": {}, "out": str(out)}
 
 
 def video_to_faces(input: str, models: ModelCache | None = None, **flags) -> dict:
