@@ -1,4 +1,17 @@
-"""tidyface: faces in photos and videos, with clean PyTorch reimplementations of face models."""
+"""tidyface: faces in photos and videos, with clean PyTorch reimplementations of face models.
+
+Images are RGB, uint8 or float in 0..255. The functions (each also a `tidyface` command):
+
+    detect(images, model=...)           -> Detections (boxes, scores, landmarks, image_index)
+    crop(images, output_size, ...)      -> Faces (crops, crop_mat, detections); Cropper for many
+    uncrop(crops, matrices, size), paste_back(image, crop, matrix)   pixels back into the image
+    embed(paths, model=...)             -> FaceTable (one row per face, with embeddings)
+    group(path, out, mode=...)          -> the faces of a folder sorted by person
+    video_to_faces(input, **flags)      -> videos in, faces grouped per person out
+    read_faces(result)                  -> the FaceTable of an embed, group or video2faces result
+    load_model(name), list_models()     the model zoo; ModelCache for tasks that share models
+    Detector, Landmarker, Encoder, Parser, Enhancer   the model protocols a plugin implements
+"""
 from __future__ import annotations
 
 __version__ = "0.1.0"
@@ -19,6 +32,10 @@ _LAZY = {
     "video_to_faces": "tasks.video2faces",
 }
 __all__ = ["list_models", "__version__", *_LAZY]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def __getattr__(name):

@@ -16,7 +16,7 @@ def catalogue_rows(task: str | None = None, weights_dir=None) -> list[tuple[str,
         for i, f in enumerate(s.files):
             first = i == 0
             rows.append((s.name if first else "", s.task if first else "", s.license if first else "",
-                         f.filename, (f.sha256[:16] + "...") if f.sha256 else "unknown",
+                         f.filename, f.sha256 or "unknown",
                          f"{f.size:,}" if f.size else "unknown", local if first else "",
                          e.source if first else ""))
     return rows

@@ -342,8 +342,7 @@ class GroupOptions:
     def check(self) -> "GroupOptions":
         if self.mode not in GROUP_MODES:
             raise ValueError(f"grouping mode must be auto, cluster or classify, got {self.mode!r}")
-        if self.mode == "cluster":
-            gp.parse_clusters(self.clusters)
+        gp.parse_clusters(self.clusters)  # in every mode: a bad value is refused, never ignored
         return self
 
 
