@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from tidyface.tasks.dedup import (EMBEDDING_EPS, average_hash, dedup_log_rows, embedding_duplicates, frame_keys,
-                                  hash_bits, hash_duplicates, join_closest_first, sharpness)
+from tidyface.tasks.dedup import (EMBEDDING_EPS, STRICTEST_HASH_CONFIRM, average_hash, dedup_log_rows,
+                                  embedding_duplicates, frame_keys, hash_bits, hash_confirm_threshold, hash_duplicates,
+                                  join_closest_first, sharpness)
 
 
 def _crops(n, size=64, seed=0):
@@ -296,3 +297,15 @@ def test_pipeline_dedup_fills_deferred_embeddings_to_confirm():
     assert [(r["name"], r["kept"]) for r in out.logs[1]] == [("b", "a"), ("d", "a")]
     # the hash alone (confirm_thr -1) merges c too; d still cannot join c's set (one frame)
     assert pl.dedup(t, hash_thr=0, confirm_thr=-1).keep.tolist() == [True, False, False, True]
+
+
+def test_confirming_threshold_per_encoder():
+    from tidyface.registry import TaskDefaults, get
+
+    assert hash_confirm_threshold(get("mobilefacenet").spec) == 0.4
+    assert hash_confirm_threshold(get("facenet_casia_tf").spec) == 0.25
+
+    class Unmeasured:  # a plugin's encoder without one: the strictest (refusing only keeps a duplicate)
+        defaults = TaskDefaults()
+
+    assert hash_confirm_threshold(Unmeasured) == hash_confirm_threshold(None) == STRICTEST_HASH_CONFIRM

@@ -48,7 +48,7 @@ MORE_TRUTH = [
 ]
 # Measured at the defaults (hash_thr 8, enc_dup_thr 0.25; 122 faces): with the hash alone, 2
 # people lost faces to another person's kept face (louis twice to jessica, emery to evan) among
-# 54 duplicates; with each hash link confirmed (HASH_CONFIRM_DIST), none did, among 42.
+# 54 duplicates; with each hash link confirmed (mobilefacenet's hash_confirm), none did, among 42.
 LOSSES_AFTER = 0
 
 

@@ -65,7 +65,7 @@ def test_spec_is_valid(name):
         assert spec.defaults.min_score is not None and 0 < spec.defaults.min_score < 1
     if spec.task == "embed":
         assert meta.input_size and meta.embedding_dim and meta.template
-        assert spec.defaults.group_threshold is not None
+        assert spec.defaults.group_threshold is not None and spec.defaults.hash_confirm is not None
     if spec.task == "parse":
         assert meta.input_size and meta.class_names
     if spec.task == "enhance":

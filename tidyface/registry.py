@@ -67,12 +67,15 @@ class TaskDefaults:
     """Defaults of the tasks that use a model, chosen by measurement; every one can be changed
     per call. min_score / nms_iou / max_size: a detector's (max_size: the longer side it sees,
     None: full resolution). group_threshold: the average-linkage cosine distance that
-    `group --mode auto` cuts an encoder's embeddings at."""
+    `group --mode auto` cuts an encoder's embeddings at. hash_confirm: the cosine distance
+    under which the encoder's embeddings confirm that two faces the average hash links are
+    the same person, before dedup drops one (tasks/dedup.py)."""
 
     min_score: float | None = None
     nms_iou: float | None = None
     max_size: int | None = None
     group_threshold: float | None = None
+    hash_confirm: float | None = None
 
 
 FIVE_POINTS = "left eye, right eye, nose, left mouth corner, right mouth corner (as seen in the image)"

@@ -345,7 +345,11 @@ _META = ModelMeta(input_size=(160, 160), mean=(127.5,) * 3, std=(128.0,) * 3, te
 # group_threshold: average-linkage cosine distance for `group --mode auto`, between the farthest
 # same-person pair (0.38) and the closest different-person pair (0.54) of deepface's 300 pairs;
 # on the labelled Video_2 faces ARI peaks there too (0.77 at 0.45).
-_DEFAULTS = TaskDefaults(group_threshold=0.45)
+# hash_confirm: on Video_2's labelled faces different people come as close as 0.34 within 8
+# hash bits (0.21 overall), and 89% of same-person pairs within 8 bits are under 0.25; at 0.4
+# one face was lost to another person (measured for facenet_casia_tf; the PyTorch variants
+# share the architecture and are given the same).
+_DEFAULTS = TaskDefaults(group_threshold=0.45, hash_confirm=0.25)
 
 for _name, _file, _sha, _size, _data in (
     ("facenet_vggface2", "20180402-114759-vggface2.pt",

@@ -33,13 +33,11 @@ HASH_SIZE = 8  # 8x8 grey pixels -> 64-bit hash
 # than this are treated as identical, and every embedding threshold gets this slack.
 EMBEDDING_EPS = 1e-5
 DEFAULT_BLOCK = 2048  # tile side: a 2048x2048 float32 tile is 16 MiB
-# Cosine distance under which a hash link is confirmed, on the scale of mobilefacenet (the
-# video2faces encoder). Measured on Video_2 (122 faces, all but 2 labelled; test_dedup_real.py):
-# different people were never closer than 0.454 (0.64 among pairs within 8 hash bits), same-person
-# pairs within 8 bits had a median of 0.26. A hash link already says "same scene", so confirming
-# it needs "not another person", with a margin below 0.454; pass 2's "same face again" scale
-# (--enc-dup-thr 0.25) would refuse half the same-person links (0.4 refuses 28%).
-HASH_CONFIRM_DIST = 0.4
+# A hash link says "same scene"; the embeddings must also say "not another person" before a
+# face is dropped. The distance is each encoder's own (spec.defaults.hash_confirm, measured on
+# labelled faces); an encoder without one gets the strictest measured: a refused link only keeps
+# a duplicate, a wrong one loses a face.
+STRICTEST_HASH_CONFIRM = 0.25
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL "L" / OpenCV RGB2GRAY
 # MSB first: bit 0 of the (N,64) layout is the top-left pixel, as imagehash prints it.
 _BIT_WEIGHTS = (np.uint64(1) << np.arange(63, -1, -1, dtype=np.uint64)).view(np.int64)
@@ -233,28 +231,30 @@ def join_closest_first(n: int, i: np.ndarray, j: np.ndarray, dist: np.ndarray, k
     return _by_smallest(np.array([find(x) for x in range(n)], dtype=np.int64))
 
 
-def _tile_pairs(rows: np.ndarray, close: Callable[[Tensor, Tensor], Tensor],
-                block: int = DEFAULT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """All pairs (i < j in `rows` order) of global row indices that close(ia, ib) -> (r,c) bool
-    accepts, tile by tile (close gets index tiles, so it can look up any per-face column)."""
+def _tile_links(rows: np.ndarray, link_dist: Callable[[Tensor, Tensor], Tensor],
+                block: int = DEFAULT_BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All links (i, j, distance) among `rows` (global indices, i before j in `rows`), tile by
+    tile: link_dist(ia, ib) gets index tiles (so it can look up any per-face column) and gives
+    (r,c) distances, inf where the pair is no link."""
     idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-    out_i, out_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    out = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))]
     for r0 in range(0, len(idx), block):
         for c0 in range(r0, len(idx), block):
-            hit = close(idx[r0:r0 + block], idx[c0:c0 + block])
+            d = link_dist(idx[r0:r0 + block], idx[c0:c0 + block])
+            hit = torch.isfinite(d)
             if c0 == r0:
                 hit = torch.triu(hit, diagonal=1)
-            ij = hit.nonzero().cpu().numpy()
-            out_i.append(idx.numpy()[ij[:, 0] + r0])
-            out_j.append(idx.numpy()[ij[:, 1] + c0])
-    return np.concatenate(out_i), np.concatenate(out_j)
+            ij = hit.nonzero()
+            out.append((idx.numpy()[ij[:, 0].cpu().numpy() + r0], idx.numpy()[ij[:, 1].cpu().numpy() + c0],
+                        d[ij[:, 0], ij[:, 1]].double().cpu().numpy()))
+    return tuple(np.concatenate(col) for col in zip(*out))
 
 
-def _split_conflicts(labels: np.ndarray, keys: np.ndarray | None,
-                     links_within: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Sets holding two faces of one picture, rebuilt by join_closest_first from their own
-    links: links_within(members, ascending global indices) -> (i, j, dist) global. Sets
-    without such a pair (nearly all) are left as they are, so the tiled search stays the cost."""
+def _split_conflicts(labels: np.ndarray, keys: np.ndarray | None, link_dist: Callable[[Tensor, Tensor], Tensor],
+                     rows: np.ndarray | None = None, listed=None, block: int = DEFAULT_BLOCK) -> np.ndarray:
+    """Sets holding two faces of one picture, rebuilt by join_closest_first from their links:
+    the `listed` ones (i, j, distance) and those link_dist finds among the set's faces that are
+    in `rows` (None: all). Sets without such a pair (nearly all) are left as they are."""
     if keys is None or len(labels) < 2:
         return labels
     order = np.lexsort((keys, labels))
@@ -262,11 +262,18 @@ def _split_conflicts(labels: np.ndarray, keys: np.ndarray | None,
     twice = (lab[1:] == lab[:-1]) & (key[1:] == key[:-1])
     if not twice.any():
         return labels
-    out = labels.copy()
     bad = np.unique(lab[1:][twice])
-    for s, e in zip(np.searchsorted(lab, bad, "left").tolist(), np.searchsorted(lab, bad, "right").tolist()):
+    searchable = np.ones(len(labels), dtype=bool) if rows is None else np.isin(np.arange(len(labels)), rows)
+    li, lj, ld = listed if listed is not None else (np.zeros(0, np.int64),) * 2 + (np.zeros(0),)
+    by_set = np.argsort(labels[li], kind="stable")  # the listed links, grouped by set
+    li, lj, ld = li[by_set], lj[by_set], ld[by_set]
+    set_of_link = labels[li]
+    out = labels.copy()
+    for b, s, e in zip(bad.tolist(), np.searchsorted(lab, bad, "left"), np.searchsorted(lab, bad, "right")):
         members = np.sort(order[s:e])
-        i, j, d = links_within(members)
+        ls, le = np.searchsorted(set_of_link, b, "left"), np.searchsorted(set_of_link, b, "right")
+        ti, tj, td = _tile_links(members[searchable[members]], link_dist, block)
+        i, j, d = np.concatenate([li[ls:le], ti]), np.concatenate([lj[ls:le], tj]), np.concatenate([ld[ls:le], td])
         local = join_closest_first(len(members), np.searchsorted(members, i), np.searchsorted(members, j),
                                    d, keys[members])
         out[members] = members[local]
@@ -313,6 +320,12 @@ def _check_threshold(thr, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------- passes
+
+def hash_confirm_threshold(encoder_spec) -> float:
+    """The distance that confirms a hash link for this encoder (its spec's, else the strictest)."""
+    thr = None if encoder_spec is None else encoder_spec.defaults.hash_confirm
+    return STRICTEST_HASH_CONFIRM if thr is None else thr
+
 
 _POPCOUNT = getattr(int, "bit_count", None) or (lambda v: bin(v).count("1"))
 
@@ -396,7 +409,8 @@ class _HashLinks:
     """The hash pass's link test over faces by index: Hamming <= thr, not two faces of one
     picture (keys) and, when confirming (confirm_thr != -1), cosine distance <= confirm_thr.
     Embeddings are asked for only for faces that have a hash match: `need` hands the caller's
-    embeddings(needed) the faces whose deferred embedding (video2faces) must be filled."""
+    embeddings(needed) the faces whose deferred embedding (video2faces) must be filled. A link's
+    distance (the order join_closest_first takes links in) is cosine when confirming, else bits."""
 
     def __init__(self, bits: Tensor, keys, thr: int, embeddings, confirm_thr: float):
         self.bits, self.thr, self.source, self.confirm_thr = bits.float(), thr, embeddings, confirm_thr
@@ -410,38 +424,42 @@ class _HashLinks:
         self.emb = torch.as_tensor(e)
         _unit_rows(self.emb[torch.from_numpy(np.flatnonzero(needed)).to(self.emb.device)])  # NaN: a bug upstream
 
-    def hashes_close(self, ia: Tensor, ib: Tensor) -> Tensor:
+    def _bits_apart(self, ia: Tensor, ib: Tensor) -> Tensor:
         a, b = self.bits[ia.to(self.bits.device)], self.bits[ib.to(self.bits.device)]
-        # Hamming = |a| + |b| - 2 a.b, exact in float32 for 64 bits
-        return ((a.sum(1, keepdim=True) + b.sum(1) - 2 * (a @ b.T)) <= self.thr + 0.5) & _differ(self.keys, ia, ib)
+        return a.sum(1, keepdim=True) + b.sum(1) - 2 * (a @ b.T)  # Hamming, exact in float32 for 64 bits
 
-    def close(self, ia: Tensor, ib: Tensor) -> Tensor:
-        hit = self.hashes_close(ia, ib)
+    def hashes_close(self, ia: Tensor, ib: Tensor) -> Tensor:
+        return (self._bits_apart(ia, ib) <= self.thr + 0.5) & _differ(self.keys, ia, ib)
+
+    def _test(self, ia: Tensor, ib: Tensor) -> tuple[Tensor, Tensor]:
+        """(r,c) tiles: which pairs are links, and their distances."""
+        bits = self._bits_apart(ia, ib)
+        hit = (bits <= self.thr + 0.5) & _differ(self.keys, ia, ib)
         if self.confirm_thr == -1 or not bool(hit.any()):
-            return hit
+            return hit, bits
         dev = self.emb.device
         a = F.normalize(self.emb[ia.to(dev)].float(), dim=1)
         b = F.normalize(self.emb[ib.to(dev)].float(), dim=1)
-        return hit & ((a @ b.T) >= 1.0 - (self.confirm_thr + EMBEDDING_EPS)).to(hit.device)
+        sim = (a @ b.T).to(bits.device)
+        return hit & (sim >= 1.0 - (self.confirm_thr + EMBEDDING_EPS)), 1.0 - sim
 
-    def confirmed(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        """(L,) bool over listed hash links (the window's)."""
+    def close(self, ia: Tensor, ib: Tensor) -> Tensor:
+        return self._test(ia, ib)[0]
+
+    def link_dist(self, ia: Tensor, ib: Tensor) -> Tensor:
+        hit, d = self._test(ia, ib)
+        return torch.where(hit, d, torch.inf)
+
+    def confirmed(self, i: np.ndarray, j: np.ndarray, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Listed hash links (the window's) -> which of them count, and their distances."""
         ok = np.ones(len(i), dtype=bool)
         if self.keys is not None:
             k = self.keys.cpu().numpy()
             ok &= k[i] != k[j]
-        if self.confirm_thr != -1 and len(i):
-            ok &= _pair_cosine(self.emb, i, j) <= self.confirm_thr + EMBEDDING_EPS
-        return ok
-
-    def links_within(self, members, li, lj, stage2, packed, block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The set's links, for _split_conflicts: its window links, and its stage-2 faces' pairs.
-        Joined closest first by cosine distance when confirming (by Hamming otherwise)."""
-        sel = np.isin(li, members)
-        pi, pj = _tile_pairs(members[np.isin(members, stage2)], self.close, block)
-        i, j = np.concatenate([li[sel], pi]), np.concatenate([lj[sel], pj])
-        d = _pair_cosine(self.emb, i, j) if self.confirm_thr != -1 else _hamming(packed, i, j)
-        return i, j, d
+        if self.confirm_thr == -1 or not len(i):
+            return ok, _hamming(packed, i, j)
+        d = _pair_cosine(self.emb, i, j)
+        return ok & (d <= self.confirm_thr + EMBEDDING_EPS), d
 
 
 def hash_duplicates(hashes, quality=None, thr: int = 5, window: int = 5, block: int = DEFAULT_BLOCK, *,
@@ -458,9 +476,9 @@ def hash_duplicates(hashes, quality=None, thr: int = 5, window: int = 5, block: 
     thr=0: identical hashes only.
 
     keys (N,) (frame_keys): faces of one picture are never linked, and no set holds two of them
-    (see _split_conflicts). confirm_thr (cosine distance, -1: off; HASH_CONFIRM_DIST is the
-    measured choice): a link counts only if the faces' embeddings are that close too; a window
-    link refused this way sends its face to stage 2. embeddings: (N,D), or a callable
+    (see _split_conflicts). confirm_thr (cosine distance, -1: off; hash_confirm_threshold(spec)
+    gives the encoder's measured one): a link counts only if the faces' embeddings are that close
+    too; a window link refused this way sends its face to stage 2. embeddings: (N,D), or a callable
     embeddings(needed (N,) bool) -> (N,D) whose `needed` rows are filled (the others may be
     NaN): it is asked for the faces with a hash match only, in two calls.
     """
@@ -478,15 +496,15 @@ def hash_duplicates(hashes, quality=None, thr: int = 5, window: int = 5, block: 
     needed = np.zeros(n, dtype=bool)
     needed[li], needed[lj] = True, True
     test.need(needed)
-    ok = test.confirmed(li, lj)
-    li, lj = li[ok], lj[ok]
+    ok, ld = test.confirmed(li, lj, packed)
+    li, lj, ld = li[ok], lj[ok], ld[ok]
     labels = _merge(np.arange(n, dtype=np.int64), li, lj) if len(li) else np.arange(n, dtype=np.int64)
     stage2 = np.setdiff1d(np.arange(n), li)  # the window's survivors and the faces it linked in vain
     if len(stage2) > 1:
         test.need(_any_close(stage2, test.hashes_close, n, block))
         sub = close_pair_components(torch.from_numpy(stage2), test.close, block)
         labels = _merge(labels, stage2, stage2[sub])  # lift stage-2 sets back to all faces
-    labels = _split_conflicts(labels, keys, lambda m: test.links_within(m, li, lj, stage2, packed, block))
+    labels = _split_conflicts(labels, keys, test.link_dist, stage2, (li, lj, ld), block)
     return _finish(labels, quality, lambda i, j: _hamming(packed, i, j))
 
 
@@ -522,13 +540,14 @@ def embedding_duplicates(emb, quality=None, thr: float = 0.05, block: int = DEFA
     limit = 1.0 - (thr + EMBEDDING_EPS)  # cos >= limit  <=>  distance <= thr + eps
     k = None if keys is None else torch.from_numpy(np.asarray(keys, dtype=np.int64)).to(x.device)
 
-    def close(ia, ib):  # index tiles: the rows are gathered (a copy of 2 tiles, small beside the matmul)
+    def link_dist(ia, ib):  # index tiles, for the few sets _split_conflicts rebuilds
         ia, ib = ia.to(x.device), ib.to(x.device)
-        return ((x[ia] @ x[ib].T) >= limit) & _differ(k, ia, ib)
+        sim = x[ia] @ x[ib].T
+        return torch.where((sim >= limit) & _differ(k, ia, ib), 1.0 - sim, torch.inf)
 
-    def links_within(members):
-        i, j = _tile_pairs(members, close, block)
-        return i, j, _pair_cosine(x, i, j)
-
-    labels = _split_conflicts(close_pair_components(torch.arange(n), close, block), keys, links_within)
+    # The search itself ignores keys: a set that a pair of one picture joins holds that pair, so
+    # _split_conflicts rebuilds it from key-respecting links, which gives the same sets as a
+    # search that refused the pair (its other parts have no conflict, so they join up whole).
+    labels = close_pair_components(x, lambda a, b: (a @ b.T) >= limit, block)
+    labels = _split_conflicts(labels, keys, link_dist, block=block)
     return _finish(labels, quality, lambda i, j: _pair_cosine(x, i, j))

@@ -27,6 +27,7 @@ from ..ops.align import template_for
 from ..ops.image import IMAGE_EXTS, atomic_write_bytes, expand_paths, write_image
 from ..options import GroupCommandOptions
 from ..types import Detections, Faces, FaceTable
+from . import dedup as dd
 from . import grouping as gp
 from . import pipeline as pl
 from .common import load_models, readable
@@ -192,7 +193,7 @@ def _group_into(folder: OutputFolder, files: list[Path], src: Path, o: GroupComm
         table, failed = collect_crops(files, names, stage, encoder, o)
     else:
         table, failed = collect_photo_faces(files, names, stage, encoder, detector, o)
-    outcome = pl.dedup(table, o.hash_thr, o.enc_dup_thr)
+    outcome = pl.dedup(table, o.hash_thr, o.enc_dup_thr, confirm_thr=dd.hash_confirm_threshold(encoder.spec))
     kept = np.flatnonzero(outcome.keep)
     grouping = _group_kept(table, kept, o, encoder, detector) if len(kept) else None
     if grouping is None:

@@ -290,11 +290,12 @@ class DedupOutcome:
 
 def dedup(table: FaceTable, hash_thr: int = -1, enc_dup_thr: float = -1,
           fill_embeddings: Callable[[FaceTable, np.ndarray], None] | None = None,
-          confirm_thr: float = dd.HASH_CONFIRM_DIST) -> DedupOutcome:
+          confirm_thr: float = dd.STRICTEST_HASH_CONFIRM) -> DedupOutcome:
     """The dedup step: the cheap hash pass over all faces, then the embedding pass over what
     survived it; each duplicate set keeps its best-quality face. Two faces of one picture (a
     video frame, a photo) are never duplicates, and a hash match drops a face only if their
-    embeddings agree (cosine distance <= confirm_thr; -1: the hash alone decides).
+    embeddings agree (cosine distance <= confirm_thr, on the encoder's scale: its
+    spec.defaults.hash_confirm, see dd.hash_confirm_threshold; -1: the hash alone decides).
     fill_embeddings(table, needed (N,) bool) fills deferred (NaN) embeddings in place: called
     for the faces with a hash match (to confirm it), then for every face the hash pass keeps."""
     n = len(table)

@@ -552,7 +552,7 @@ def group_stage(o: Video2FacesOptions, ws: Workspace, manifest: dict, models: Mo
         (detector,) = load_models(models, o.device, o.weights_dir, det["det_model"])
         return pl.reference_embeddings(Path(o.ref_dir), encoder, detector, area=o.enc_area)
 
-    outcome = pl.dedup(table, o.hash_thr, o.enc_dup_thr, fill)
+    outcome = pl.dedup(table, o.hash_thr, o.enc_dup_thr, fill, dd.hash_confirm_threshold(encoder.spec))
     kept = np.flatnonzero(outcome.keep)
     grouping = None
     if len(kept):
