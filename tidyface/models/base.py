@@ -58,9 +58,11 @@ class Detector(Protocol):
 
     def detect(self, images: Tensor, *, min_score: float | None = None,
                max_size: int | None = None) -> Detections:
-        """images (B,3,H,W) RGB 0..255, uint8 or float, on the model's device. min_score,
-        max_size (the longer side the network sees; 0: full resolution): None takes the
-        weights' defaults (`spec.defaults`)."""
+        """images (B,3,H,W) (or one (3,H,W)) RGB 0..255, uint8 or float, on the model's
+        device; an implementation starts with `ops.image.as_rgb_batch`, which refuses anything
+        else (floats in 0..1 among it) with an InputError. min_score, max_size (the longer side
+        the network sees; 0: full resolution): None takes the weights' defaults
+        (`spec.defaults`)."""
         ...
 
     def prepare(self, image: np.ndarray, max_size: int | None = None) -> PreparedImage:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..convert import load_torch_file, rename_keys
+from ..ops.image import as_rgb_batch
 from ..ops.nms import batched_nms, nms
 from ..ops.parallel import map_frames
 from ..registry import FIVE_POINTS, ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
@@ -284,8 +285,11 @@ class MTCNN(nn.Module, Detector):
         min_score: O-Net's threshold (default 0.7). max_size: run on a copy shrunk (area
         averaging) so its longer side is at most this, for speed; boxes and landmarks still come
         back in input pixels. Default (None or 0): full size, where the pyramid already sets
-        the smallest face (20 px).
+        the smallest face (20 px). A (3,H,W) image is a batch of one; float64/float16 are cast
+        to float32; anything else (channels last, floats in 0..1, other dtypes) raises
+        InputError (ops.image.as_rgb_batch).
         """
+        images = as_rgb_batch(images)
         h, w = images.shape[2:]
         if max_size and max(h, w) > max_size:
             s = max_size / max(h, w)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..convert import load_torch_file, rename_keys
+from ..ops.image import as_rgb_batch
 from ..ops.nms import batched_nms
 from ..ops.priors import decode_boxes, decode_landmarks, prior_boxes
 from ..registry import FIVE_POINTS, ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
@@ -215,7 +216,10 @@ class RetinaFace(nn.Module, Detector):
         min_score: default 0.5; max_size: the longer side of the network input, default 1280
         (0: full resolution). On CPU the batch runs in forwards of at most about a megapixel:
         bigger ones are slower per frame (their activations leave the cache; 720p, 2 cores:
-        61 ms/frame one at a time, 83 in a batch of 8)."""
+        61 ms/frame one at a time, 83 in a batch of 8). A (3,H,W) image is a batch of one;
+        float64/float16 are cast to float32; anything else (channels last, floats in 0..1, other
+        dtypes) raises InputError (ops.image.as_rgb_batch)."""
+        images = as_rgb_batch(images)
         size = self._cap(max_size)
         h, w = network_size(images.shape[-2:], size)
         cpu = images.device.type == "cpu"

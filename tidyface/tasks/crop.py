@@ -23,7 +23,7 @@ from torch import Tensor
 from ..cache import ModelCache, resolve_device
 from ..errors import UsageError
 from ..ops.align import FACE_SPAN, PADDING_MODES, TEMPLATES, invert, template_for, unwarp
-from ..ops.image import atomic_write_bytes, expand_paths, read_image, write_image
+from ..ops.image import as_rgb_uint8, atomic_write_bytes, expand_paths, image_list, write_image
 from ..options import CropOptions
 from ..types import Detections, Faces
 from . import pipeline as pl
@@ -337,17 +337,20 @@ class Cropper:
     # -- in-memory API
     def crop(self, images, landmarks: Sequence[Sequence[np.ndarray]] | None = None,
              detections: Detections | None = None) -> Faces:
-        """Crop in-memory images (RGB uint8 arrays, or paths); Faces.image_index indexes `images`.
+        """Crop in-memory images; Faces.image_index indexes `images` (0 for a single image).
 
-        Faces come from the detector, or from `landmarks` (per image a list of (K,2) points per
-        face, K = 5/68/98/106; for a single image, just its list of faces), or from
-        `detections` already made (image_index into `images`, 5 landmarks for align mode).
-        The strategy applies in every case."""
-        if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
-            images = [images]
-            if landmarks is not None:
-                landmarks = [landmarks]
-        frames = [(i, read_image(im) if isinstance(im, (str, os.PathLike)) else np.asarray(im))
+        images: one image or a list of them, each a path, a PIL image, a numpy array HxWx3 (HxW
+        grey, HxWx4 alpha dropped) or a tensor CxHxW / HxWx3, RGB (not BGR), uint8 or float in
+        0..255; a 4-D numpy array (B,H,W,3) or tensor (B,3,H,W) is a batch. Anything else
+        (floats in 0..1 among it: pass x * 255) raises InputError naming what was given
+        (ops.image.as_rgb_uint8). Faces come from the detector, or from `landmarks` (per image
+        a list of (K,2) points per face, K = 5/68/98/106; for a single image, just its list of
+        faces), or from `detections` already made (image_index into `images`, 5 landmarks for
+        align mode). The strategy applies in every case."""
+        images, single = image_list(images)
+        if single and landmarks is not None:
+            landmarks = [landmarks]
+        frames = [(i, as_rgb_uint8(im, "image" if single else f"images[{i}]"))
                   for i, im in enumerate(images)]
         if landmarks is not None and detections is not None:
             raise ValueError("give landmarks or detections, not both")
@@ -388,7 +391,8 @@ def detections_from_points(faces: Sequence[np.ndarray]) -> Detections:
 
 
 def crop(images, output_size=DEFAULT_OUTPUT_SIZE, landmarks=None, **options) -> Faces:
-    """One-call crop of in-memory images or paths (options as for Cropper)."""
+    """One-call crop of images (one or a list: paths, PIL images, numpy HxWx3 or tensors
+    CxHxW, RGB uint8 or float in 0..255, as Cropper.crop takes them; options as for Cropper)."""
     return Cropper(output_size, **options).crop(images, landmarks)
 
 

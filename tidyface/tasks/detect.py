@@ -26,17 +26,20 @@ def detect(images: Sequence[np.ndarray | str | os.PathLike] | np.ndarray | str |
            model: str = DEFAULT_DETECTOR, min_score: float | None = None, device=None,
            batch_size: int = 8, weights_dir=None, max_size: int | None = None,
            models: ModelCache | None = None) -> Detections:
-    """Detect faces in images (RGB uint8 arrays or paths); Detections.image_index indexes `images`.
+    """Detect faces in images; Detections.image_index indexes `images` (0 for a single image).
 
-    max_size: the longer side the detector sees (None: its default; 0: full resolution); boxes
-    are always in the input pixels. A path that cannot be read raises ImageReadError naming it;
-    `tidyface detect` skips bad files instead.
+    images: one image or a list of them, each a path, a PIL image, a numpy array HxWx3 (HxW
+    grey, HxWx4 alpha dropped) or a tensor CxHxW / HxWx3, RGB (not BGR), uint8 or float in
+    0..255; a 4-D numpy array (B,H,W,3) or tensor (B,3,H,W) is a batch. Anything else (floats
+    in 0..1 among it: pass x * 255) raises InputError naming what was given
+    (ops.image.as_rgb_uint8). max_size: the longer side the detector sees (None: its default;
+    0: full resolution); boxes are always in the input pixels. A path that cannot be read
+    raises ImageReadError naming it; `tidyface detect` skips bad files instead.
     """
-    from ..ops.image import read_image
+    from ..ops.image import as_rgb_uint8, image_list
 
-    if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
-        images = [images]
-    frames = ((i, read_image(im) if isinstance(im, (str, os.PathLike)) else np.asarray(im))
+    images, single = image_list(images)
+    frames = ((i, as_rgb_uint8(im, "image" if single else f"images[{i}]"))
               for i, im in enumerate(images))
     (detector,) = load_models(models, device, weights_dir, model)
     parts = [d.shift_images(i) for i, _, d in
