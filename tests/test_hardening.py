@@ -283,3 +283,14 @@ def test_one_exit_code_rule(capsys, tmp_path):
 def test_fragment_past_the_end_is_named(capsys, tmp_path):
     code, _, err = run(capsys, "video2faces", need(CLIP), "--out-dir", tmp_path / "o", "--video-fragment", "5,6")
     assert "after the video's end" in err
+
+
+def test_inspection_flags_added_to_a_finished_run_say_what_is_missing(capsys, tmp_path):
+    out = tmp_path / "o"
+    assert run(capsys, "video2faces", need(CLIP), "--out-dir", out, "--video-step", "2")[0] == 0
+    code, _, err = run(capsys, "video2faces", need(CLIP), "--out-dir", out, "--video-step", "2",
+                       "--save-rejects", "--save-frames")
+    assert code == 0 and "without --save-rejects and --save-frames" in err
+    assert not (out / "intermediate/frames").exists() and not (out / "intermediate/rejects").exists()
+    rejects = list(csv.DictReader(open(out / "intermediate/log_rejects.csv")))
+    assert all(r["file_name"] == "" for r in rejects)  # no row names a picture that is not there

@@ -645,8 +645,7 @@ def detection_stage(o: Video2FacesOptions, ws: Workspace, inp: Path, models, fol
     # weights before the first write: a run that cannot get them leaves no folder behind
     load_models(models, o.device, o.weights_dir, o.det_model, o.enc_model)
     man = _open_workspace(o, ws, videos, folder)
-    extra = ((ws.inter / "frames",) if o.save_frames else ()) + ((ws.inter / "rejects",) if o.save_rejects else ())
-    for d in (ws.faces, ws.state) + extra:
+    for d in (ws.faces, ws.state):  # intermediate/ folders appear with their first file
         d.mkdir(parents=True, exist_ok=True)
     ws.save_manifest(man)
     if o.mode == "full":
