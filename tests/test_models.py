@@ -46,10 +46,19 @@ def _retinaface_r50_checkpoint(path):
     torch.save({"module." + k: v for k, v in ref.state_dict().items()}, path)
 
 
+def _bisenet_checkpoint(path):
+    import refshim
+
+    refshim.install()
+    from facexlib.parsing.bisenet import BiSeNet
+
+    torch.save(BiSeNet(num_class=19).state_dict(), path)  # zllrunning's layout (facexlib's names)
+
+
 # Upstream files that ../shared does not carry, written in their upstream layout by the
 # reference implementation (random weights), so their converters are tested all the same.
 STAND_INS = {"facenet_vggface2": _facenet_pytorch_checkpoint, "facenet_casia": _facenet_pytorch_checkpoint,
-             "retinaface_r50": _retinaface_r50_checkpoint}
+             "retinaface_r50": _retinaface_r50_checkpoint, "bisenet_celebamask": _bisenet_checkpoint}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -125,5 +134,11 @@ def test_batched_call_has_the_documented_shapes(name):
         emb = model.embed(torch.rand(3, 3, h, w) * 255)
         assert emb.shape == (3, meta.embedding_dim)
         torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
+    elif model.spec.task == "parse":
+        w, h = meta.input_size
+        for size in (h, 96):  # the network's size, and crops resized to it and back
+            scores = model.parse(torch.rand(2, 3, size, size) * 255)
+            assert scores.shape == (2, len(meta.class_names), size, size)
+            assert torch.isfinite(scores).all()
     else:
         pytest.fail(f"no shape check for task {model.spec.task!r} yet: add one here")

@@ -17,6 +17,7 @@ _BUILTIN_MODULES = (
     "tidyface.models.retinaface",
     "tidyface.models.facenet",
     "tidyface.models.mobilefacenet",
+    "tidyface.models.bisenet",
 )
 ENTRY_POINT_GROUP = "tidyface.models"
 

