@@ -1,6 +1,7 @@
 """Detector speed on 720p video frames: tidyface vs the reference implementations.
 
     python benchmarks/bench_detect.py [--frames 16] [--threads 2] [--rounds 2]
+    python benchmarks/bench_detect.py --frames 32 --cpu-cost [--rounds 3]
 
 Frames are read once from shared/media/simplefr_video_with_identity_db/Video_2.mp4 (1280x720),
 one per second; every timing is the median over those frames of ms per frame, after a warm-up,
@@ -11,6 +12,11 @@ Models come as `load_model` builds them, and are called through the Detector pro
 batches (max_size 0: full resolution; None: the weights' default), and for RetinaFace also
 `prepare` + `detect_prepared`, the path video2faces takes (there `prepare` runs on the decoder's
 thread; here it is timed with the detector).
+
+--cpu-cost measures instead why frame workers pay on a CPU: tidyface's MTCNN only, wall and CPU
+time (`time.process_time`) per frame over all frames, for batch 1 on one and on --threads torch
+threads, and batch 8 (stages 1-2 of its frames on worker threads, one torch thread each), in
+--rounds interleaved rounds.
 """
 from __future__ import annotations
 
@@ -52,15 +58,48 @@ def per_frame_ms(fn, frames, batch) -> tuple[float, float]:
     return statistics.median(times), statistics.fmean(times)
 
 
+def cpu_cost(frames, threads: int, rounds: int) -> None:
+    """Wall ms / CPU ms per frame of tidyface's MTCNN by batch size and torch thread count."""
+    from tidyface.ops.image import to_tensor_batch
+    from tidyface.weights import load_model
+
+    model = load_model("mtcnn")
+
+    def run(batch, n_threads):
+        torch.set_num_threads(n_threads)
+        model.detect(to_tensor_batch(frames[:batch], dtype=torch.uint8))  # warm-up
+        t, c = time.perf_counter(), time.process_time()
+        for i in range(0, len(frames) - batch + 1, batch):
+            model.detect(to_tensor_batch(frames[i:i + batch], dtype=torch.uint8))
+        n = (len(frames) // batch) * batch
+        return (time.perf_counter() - t) * 1000 / n, (time.process_time() - c) * 1000 / n
+
+    configs = [("batch 1, 1 torch thread", 1, 1), (f"batch 1, {threads} torch threads", 1, threads),
+               (f"batch 8, {threads} threads (frame workers)", 8, threads)]
+    got: dict[str, list] = {name: [] for name, _, _ in configs}
+    for _ in range(rounds):
+        for name, b, n in configs:
+            got[name].append(run(b, n))
+    print("MTCNN wall ms / CPU ms per frame")
+    print("| configuration | " + " | ".join(f"round {r + 1}" for r in range(rounds)) + " |")
+    print("|---|" + "---|" * rounds)
+    for name, vals in got.items():
+        print(f"| {name} | " + " | ".join(f"{w:.0f} / {c:.0f}" for w, c in vals) + " |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--cpu-cost", action="store_true", help="only the MTCNN CPU-cost table (see above)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     frames = read_frames(args.frames)
     print(f"{len(frames)} frames {frames[0].shape[1]}x{frames[0].shape[0]}, torch threads {args.threads}")
+    if args.cpu_cost:
+        cpu_cost(frames, args.threads, args.rounds)
+        return
 
     import refshim
     refshim.install()
