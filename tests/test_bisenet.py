@@ -272,5 +272,18 @@ def test_landmarks_fall_in_their_parts(parsed, real_faces):
     assert right.count(CLS["l_eye"]) > 3 * right.count(CLS["r_eye"])
 
 
+def test_parse_is_a_pipeline_step(model, parsed, real_faces):
+    """pipeline.parse over Faces cut with the parser's own framing gives the same labels."""
+    from tidyface.ops.align import template_for
+    from tidyface.tasks import pipeline as pl
+
+    geometry = pl.parser_geometry(model)
+    assert geometry.size == (512, 512) and torch.equal(geometry.points, template_for(512, "ffhq"))
+    faces = pl.parse(model, real_faces.select(torch.arange(2)))
+    assert faces.masks.shape == (2, 19, 512, 512)
+    assert torch.equal(faces.masks.argmax(1), parsed["labels"][:2])
+    assert pl.parse(model, real_faces.select(torch.zeros(0, dtype=torch.long))).masks.shape == (0, 19, 512, 512)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-s"]))
