@@ -176,9 +176,12 @@ def cut(images: Sequence[Tensor], mats: Tensor, image_index: Tensor, size: tuple
     for i in torch.nonzero(counts).flatten().tolist():
         by_shape.setdefault(tuple(images[i].shape), []).append(i)
     out = None
+    # 8-bit images one at a time: warp then converts only the crops' footprint to float, where a
+    # stacked batch would copy and convert every full frame
+    footprint = padding in ("constant", "replicate") and not images[0].is_floating_point()
     for members in by_shape.values():
-        calls = [members] if int(counts[members].max()) * len(members) <= 1.5 * int(counts[members].sum()) \
-            else [[i] for i in members]
+        even = int(counts[members].max()) * len(members) <= 1.5 * int(counts[members].sum())
+        calls = [members] if even and not footprint else [[i] for i in members]
         for group in calls:
             rows = torch.nonzero(torch.isin(idx, torch.tensor(group))).flatten()
             local = torch.searchsorted(torch.tensor(group), idx[rows])
