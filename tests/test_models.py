@@ -13,7 +13,7 @@ import torch
 
 from tidyface.models.base import PROTOCOLS
 from tidyface.registry import TASKS, list_models
-from tidyface.weights import is_available, load_model, load_state_dict, resolve_file
+from tidyface.weights import is_available, load_model, resolve_file
 
 ENTRIES = {e.spec.name: e for e in list_models()}
 NAMES = sorted(ENTRIES)

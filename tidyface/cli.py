@@ -60,10 +60,9 @@ def command(options: type, run: Callable, summary: str, varargs: str | None = No
 
     def fn(*args, **kw):
         for alias, target in aliases.items():
-            if kw.get(alias) is not None:
-                kw.setdefault(target, None)
-                kw[target] = kw[target] or kw[alias]
-            kw.pop(alias, None)
+            value = kw.pop(alias, None)
+            if value is not None and not kw.get(target):
+                kw[target] = value
         if not varargs:
             names = [f.name for f in opt.fields(options) if f.metadata.get("positional")]
             kw.update(zip(names, args))

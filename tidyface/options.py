@@ -142,10 +142,6 @@ class Options:
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
-    @classmethod
-    def flags(cls) -> list[dataclasses.Field]:
-        return [f for f in fields(cls) if not f.metadata.get("positional")]
-
 
 SCORE = (0.0, 1.0)
 DISTANCE = (0.0, 2.0)  # cosine distance

@@ -155,7 +155,6 @@ class Faces:
 
 
 _TABLE_TEXT = ("name", "source")
-_TABLE_INT = ("frame", "face_index", "hash", "crop_index")
 
 
 @dataclass

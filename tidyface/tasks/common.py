@@ -8,7 +8,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..cache import ModelCache, default_cache, resolve_device  # noqa: F401  (the tasks' imports)
+from ..cache import ModelCache, default_cache
 from ..ops.image import ImageReadError, read_image
 
 

@@ -158,14 +158,6 @@ def load_template(spec: str | Template) -> Template:
 
 # ----------------------------------------------------------------------------- geometry
 
-def align_matrices(points5: Tensor, template_points: Tensor, allow_skew: bool = False) -> Tensor:
-    """(N,3,3) float64 image->crop transforms: least-squares similarity (or affine) of each
-    face's 5 points onto the template points."""
-    n = points5.shape[0]
-    dets = Detections(torch.zeros(n, 4, dtype=torch.float64), torch.ones(n), points5, torch.zeros(n, dtype=torch.long))
-    return pl.Alignment((1, 1), template_points, allow_skew).matrices(dets)
-
-
 def bbox_matrices(boxes: Tensor, size: tuple[int, int], scale: float = DECA_BBOX_SCALE,
                   from_landmarks: Tensor | bool = True) -> Tensor:
     """(N,3,3) float64 transforms of DECA's square crop (pipeline.BoxSquare) of these boxes:
@@ -279,10 +271,6 @@ class Cropper:
         if self.crop_mode == "bbox":
             return pl.BoxSquare(self.size, self.bbox_scale, from_landmarks)
         return pl.Alignment(self.size, self.template_points, self.allow_skew)
-
-    def matrices(self, dets: Detections, from_landmarks: Tensor | bool = False) -> Tensor:
-        """(N,3,3) float64 image->crop transforms of these faces."""
-        return self.geometry(from_landmarks).matrices(dets)
 
     # -- face sources
     def _item(self, key, image, dets: Detections, from_landmarks: bool) -> _Item:
@@ -751,7 +739,6 @@ def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None 
             load_models(models, o.device, o.weights_dir, o.det_model)
         folder.claim(False, resume=True)  # refuses another command's folder, before anything goes
         _prepare_output(out, o.overwrite)  # crops.json names this command's files: exactly those go
-        folder.claim(o.overwrite, resume=True)
         folder.record([MANIFEST, JOURNAL, *REPORT_FILES])
         return _crop_into(out, cropper, files, root, match, o)
 

@@ -83,6 +83,7 @@ def run_detect(paths: Sequence[str], o: DetectOptions, models: ModelCache | None
     if folder is not None:
         folder.claim(False, resume=True)  # its own earlier drawings are redrawn; nobody else's
     failed: list[Path] = []
+    recorded: set[str] = set()  # owner.json is rewritten only for a new top-level entry
     with folder or contextlib.nullcontext(), progress(len(files), "img", "detect") as bar:
         for path, image, dets in detect_stream(readable(files, failed), detector, min_score=o.min_score,
                                                max_size=o.max_size, batch_size=o.batch_size):
@@ -92,7 +93,9 @@ def run_detect(paths: Sequence[str], o: DetectOptions, models: ModelCache | None
             sys.stdout.flush()
             if folder is not None:
                 rel = path.resolve().relative_to(root)
-                folder.record([rel.parts[0]])
+                if rel.parts[0] not in recorded:
+                    recorded.add(rel.parts[0])
+                    folder.record([rel.parts[0]])
                 write_image(folder.path / rel, draw(image, dets))
             bar.update(1)
     return 1 if failed else 0

@@ -141,9 +141,10 @@ class OutputFolder:
         if owner is not None and owner.get("command") != self.command:
             raise OutputError(f"{self.path} holds a tidyface {owner.get('command')} result; {self.command} "
                               f"does not write into it (nor --overwrite it): choose another folder")
-        if not others_files and self.foreign():
+        foreign = [] if others_files else self.foreign()
+        if foreign:
             raise OutputError(f"{self.path} holds files that no tidyface {self.command} run wrote "
-                              f"({self.foreign()[0].name}, ...); choose an empty or new folder")
+                              f"({foreign[0].name}, ...); choose an empty or new folder")
         if owner is not None and overwrite:
             self.remove(owner.get("entries", []))
             owner = None

@@ -234,7 +234,8 @@ class FrameSource:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5) if self._thread.is_alive() else None
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
 
 # ----------------------------------------------------------------------------- the steps
