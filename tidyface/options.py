@@ -171,8 +171,42 @@ class DetectOptions(Common):
                                 range=AT_LEAST_0)
 
 
+# The share of a crop's pixels a class must cover to count as present (attribute groups) or a
+# mask group to be written; chosen on the labelled glasses faces of ../shared/media
+# (tests/test_attributes.py prints precision and recall around it).
+GROUP_SHARE = 0.005
+PART_GROUPS = ("name=classes;name2=classes: {what} (class indices of --parse-model, or names; "
+               "also a JSON object or a .json file). See README, Attribute and mask groups.")
+
+
 @dataclass
-class CropOptions(Common):
+class PartGroupFlags(Options):
+    """The flags that sort parsed crops into attribute and mask groups (crop)."""
+
+    attr_groups: str | None = flag(None, PART_GROUPS.format(
+        what="a face goes into each group whose positive classes all cover --group-share of the crop "
+             "and whose negative ones (-K) none do, e.g. \"glasses=6;hat_no_glasses=18,-6\""))
+    mask_groups: str | None = flag(None, PART_GROUPS.format(
+        what="each crop whose classes cover --group-share goes into <name>/ with its 0/255 mask in "
+             "<name>_mask/, e.g. \"nose=10;eyes_and_brows=2,3,4,5\""))
+    group_share: float = flag(GROUP_SHARE, "share of the crop's pixels a class must cover to count as present.",
+                              range=(0.0, 1.0))
+    parse_model: str = flag("bisenet_celebamask", "face parser for the groups (`tidyface models --task parse`).",
+                            model="parse")
+
+    def routing(self):
+        """The attributes.Routing these flags describe (groups checked against the parser's classes)."""
+        from .registry import get
+        from .tasks.attributes import Routing, check_share, read_groups
+
+        names = get(self.parse_model).spec.meta.class_names
+        return Routing(read_groups(self.attr_groups, "--attr-groups", names),
+                       read_groups(self.mask_groups, "--mask-groups", names, negatives=False),
+                       check_share(self.group_share), len(names))
+
+
+@dataclass
+class CropOptions(PartGroupFlags, Common):
     out: str | None = flag(None, "output folder (required).")
     landmarks: str | None = flag(None, "a .json/.csv/.txt file of landmarks (5, 68, 98 or 106 points) "
                                        "instead of detection.")

@@ -101,7 +101,8 @@ class Faces:
     scores, landmarks in image pixels, image_index), row n of each belonging to crop n.
     Added by later steps (None until then): embeddings (N,D) L2-normalised; hashes (N,) int64
     64-bit average hashes; quality (N,) float64 (face area x sharpness: which face of a
-    duplicate set is kept); masks (N,C,h,w) class scores of a parser.
+    duplicate set is kept); masks (N,h,w) uint8 class maps of a parser, in the crop's frame
+    (ids index the parser's spec.meta.class_names).
     """
 
     crops: Tensor

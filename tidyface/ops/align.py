@@ -366,3 +366,17 @@ def unwarp(crops: Tensor, mats: Tensor, image_size: Sequence[int]) -> tuple[Tens
     x, y = coords[..., 0], coords[..., 1]
     mask = ((x >= -0.5) & (x <= w - 0.5) & (y >= -0.5) & (y <= h - 0.5))[:, None]
     return (out * mask).to(out_dtype), mask
+
+
+def warp_labels(labels: Tensor, mats: Tensor, out_size: Sequence[int]) -> Tensor:
+    """Class maps (N,h,w) of integer ids moved through (N,3,3) mats (their frame -> the output
+    frame, pixel centres) into (N,H,W) = out_size (W, H): nearest sampling, so ids stay ids; 0
+    (background) where the output pixel maps outside the map."""
+    n, h, w = labels.shape
+    if n == 0:
+        return labels.new_zeros(0, int(out_size[1]), int(out_size[0]))
+    theta = _normalised_theta(mats.to(labels.device, torch.float64), tuple(int(v) for v in out_size), (w, h))
+    grid = F.affine_grid(theta.float(), [n, 1, int(out_size[1]), int(out_size[0])], align_corners=False)
+    out = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                        align_corners=False)
+    return out[:, 0].round().to(labels.dtype)

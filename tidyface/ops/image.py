@@ -38,13 +38,14 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def write_image(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> None:
-    """Atomic write (temp file + rename) of an RGB uint8 image; format from the extension."""
+    """Atomic write (temp file + rename) of an RGB (h,w,3) or grey (h,w) uint8 image; format from
+    the extension."""
     import cv2
 
     path = Path(path)
     ext = path.suffix.lower() or ".jpg"
     params = [cv2.IMWRITE_JPEG_QUALITY, quality] if ext in (".jpg", ".jpeg") else []
-    ok, buf = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+    ok, buf = cv2.imencode(ext, rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise ValueError(f"{path}: OpenCV cannot encode {ext} images")
     atomic_write_bytes(path, buf.tobytes())

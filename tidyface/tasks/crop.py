@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -28,6 +28,7 @@ from ..options import CropOptions
 from ..types import Detections, Faces
 from . import pipeline as pl
 from .common import load_models, progress, readable, warn
+from .attributes import Routing
 from .landmark_files import LandmarkEntry, LandmarkFileError, match_inputs, read_landmark_file, reduce_to_five
 from .detect import DEFAULT_DETECTOR
 from .outdir import OutputFolder
@@ -43,6 +44,7 @@ REPORT_FILES = ("no_faces.txt", "unreadable.txt", "no_landmarks.txt", "unused_la
 MAX_BATCH_PIXELS = 32_000_000
 
 PostStep = Callable[[Faces], Faces]
+DEFAULT_PARSER = "bisenet_celebamask"
 
 
 class CropError(UsageError):
@@ -216,6 +218,8 @@ class Cropper:
     / weights_dir: the detector (not loaded when landmarks are given). post: steps Faces -> Faces
     applied to each batch after warping, before anything is written (enhance, parse, ...); each
     must return the same faces in the same order (it may change crops, their size and crop_mat).
+    parser / routing: with attribute or mask groups (attributes.Routing), each face is parsed
+    (pipeline.parse_into) and Faces.masks carries its class map in the crop's frame.
     """
 
     def __init__(self, output_size=DEFAULT_OUTPUT_SIZE, *, face_factor: float | None = None,
@@ -224,7 +228,8 @@ class Cropper:
                  crop_mode: str = "align", bbox_scale: float = DECA_BBOX_SCALE,
                  strategy: str = "all", det_model: str = DEFAULT_DETECTOR,
                  det_threshold: float | None = None, device=None, batch_size: int = 8,
-                 weights_dir=None, post: Sequence[PostStep] = (), models: ModelCache | None = None):
+                 weights_dir=None, post: Sequence[PostStep] = (), models: ModelCache | None = None,
+                 parser: str = DEFAULT_PARSER, routing: Routing | None = None):
         self.size = parse_size(output_size)
         if crop_mode not in CROP_MODES:
             raise CropError(f"crop mode must be one of {', '.join(CROP_MODES)}, got {crop_mode!r}")
@@ -263,6 +268,7 @@ class Cropper:
         self.weights_dir = weights_dir
         self.post = list(post)
         self.models = models
+        self.parser, self.routing = parser, routing or Routing()
 
     # -- geometry of one batch
     def geometry(self, from_landmarks: Tensor | bool = False) -> pl.Geometry:
@@ -311,6 +317,9 @@ class Cropper:
             flags = torch.cat([torch.full((len(items[i].dets),), items[i].from_landmarks) for i in with_faces])
             images = [pl.as_chw(items[i].image, self.device) for i in with_faces]
             faces = pl.align(images, dets, self.geometry(flags), self.padding, self.fill)
+            if self.routing.active:
+                (parser,) = load_models(self.models, self.device, self.weights_dir, self.parser)
+                faces = pl.parse_into(parser, images, faces)
             faces.detections.image_index = torch.tensor(with_faces, device=self.device)[faces.image_index]
         face_index = torch.cat([it.face_index for it in items]) if items else torch.zeros(0, dtype=torch.long)
         for step in self.post:
@@ -356,8 +365,8 @@ class Cropper:
             f = batch.faces
             keys = torch.tensor(batch.keys, dtype=torch.long)
             idx = keys[f.image_index.cpu()].to(f.image_index.device)
-            parts.append(Faces(f.crops, f.crop_mat, Detections(f.detections.boxes, f.detections.scores,
-                                                               f.detections.landmarks, idx)))
+            parts.append(replace(f, detections=Detections(f.detections.boxes, f.detections.scores,
+                                                          f.detections.landmarks, idx)))
         parts = [p for p in parts if len(p)]
         return Faces.cat(parts) if parts else Faces.empty(self.size)
 
@@ -621,21 +630,36 @@ def _rel_source(src: Path, out: Path) -> str:
         return str(src.resolve())
 
 
-def _records(batch: CropBatch, names: list[str], out: Path) -> list[tuple[str, dict]]:
-    """crops.json entries of a batch (small tensors moved to the CPU once, not per face)."""
+def _records(batch: CropBatch, out: Path) -> list[dict]:
+    """crops.json entries of a batch's faces (small tensors moved to the CPU once, not per face)."""
     f = batch.faces
     mats = f.crop_mat.to("cpu", torch.float64).tolist()
     lms = None if f.detections.landmarks is None else f.detections.landmarks.cpu().tolist()
     boxes, scores = f.detections.boxes.cpu().tolist(), f.detections.scores.cpu().tolist()
     sources = [_rel_source(k, out) for k in batch.keys]
     rows = []
-    for k, (name, i) in enumerate(zip(names, f.image_index.cpu().tolist())):
-        rows.append((name, {
+    for k, i in enumerate(f.image_index.cpu().tolist()):
+        rows.append({
             "source": sources[i], "face_index": int(batch.face_index[k]), "matrix": mats[k],
             "landmarks": [] if lms is None else [[round(x, 3), round(y, 3)] for x, y in lms[k]],
             "box": [round(v, 3) for v in boxes[k]], "score": round(scores[k], 5),
-            "image_size": list(batch.image_sizes[i])}))
+            "image_size": list(batch.image_sizes[i])})
     return rows
+
+
+def _routed_files(names: list[str], routing: Routing, faces: Faces
+                  ) -> list[tuple[str, int, tuple[str, Tensor] | None]]:
+    """(file, face, (mask file, mask) or None) for every crop a batch writes: one per face, or
+    with attribute and mask groups one per group the face belongs to (attributes.Routing),
+    its mask in <group>_mask/ under the same name as a .png."""
+    if not routing.active:
+        return [(name, k, None) for k, name in enumerate(names)]
+    if len(faces) == 0:
+        return []
+    return [(f"{folder}/{name}", k, None if mask is None else
+             (f"{folder}_mask/{Path(name).with_suffix('.png').as_posix()}", mask))
+            for k, (name, routes) in enumerate(zip(names, routing.routes(faces.masks)))
+            for folder, mask in routes]
 
 
 def _write_manifest(out: Path, records: dict[str, dict]) -> None:
@@ -668,9 +692,11 @@ class CropSink:
     ext: str
     suffixed: bool  # strategy all: name_0, name_1, ...
     total: int | None = None  # images, for the progress bar
+    routing: Routing = field(default_factory=Routing)
     records: dict = field(default_factory=dict)
     no_faces: list = field(default_factory=list)
     images: int = 0
+    unrouted: int = 0  # faces in no attribute or mask group, so not written
 
     def __enter__(self) -> "CropSink":
         self.out.mkdir(parents=True, exist_ok=True)
@@ -685,11 +711,15 @@ class CropSink:
         image_index = batch.faces.image_index.cpu()
         names = [f"{self.stems[batch.keys[i]]}{f'_{int(batch.face_index[k])}' if self.suffixed else ''}.{self.ext}"
                  for k, i in enumerate(image_index.tolist())]
-        list(self._pool.map(lambda a: write_image(self.out / a[0], a[1]), zip(names, pixels)))
+        files = _routed_files(names, self.routing, batch.faces)
+        list(self._pool.map(lambda f: self._write(f[0], pixels[f[1]], f[2]), files))
+        rows = _records(batch, self.out)
         lines = []
-        for name, rec in _records(batch, names, self.out):
+        for name, k, mask in files:
+            rec = rows[k] if mask is None else {**rows[k], "mask": mask[0]}
             self.records[name] = rec
             lines.append(json.dumps({"file": name, **rec}) + "\n")
+        self.unrouted += len(names) - len({k for _, k, _ in files})
         self._journal.write("".join(lines))
         self._journal.flush()
         os.fsync(self._journal.fileno())
@@ -697,6 +727,12 @@ class CropSink:
         self.no_faces += [key for key, c in zip(batch.keys, counts) if c == 0]
         self._bar.update(len(batch.keys))
         self._bar.set_postfix(crops=len(self.records))
+
+    def _write(self, name: str, pixels: np.ndarray, mask: tuple[str, Tensor] | None) -> None:
+        for file, image in ((name, pixels),) + (() if mask is None else
+                                                ((mask[0], (mask[1].to("cpu", torch.uint8) * 255).numpy()),)):
+            (self.out / file).parent.mkdir(parents=True, exist_ok=True)
+            write_image(self.out / file, image)
 
     def __exit__(self, kind, *_):
         self._bar.close()
@@ -725,7 +761,8 @@ def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None 
                       allow_skew=o.allow_skew, padding=o.padding, crop_mode=o.crop_mode,
                       bbox_scale=o.bbox_scale, strategy=o.strategy, det_model=o.det_model,
                       det_threshold=o.det_threshold, device=o.device, batch_size=o.batch_size,
-                      weights_dir=o.weights_dir, post=post, models=models)
+                      weights_dir=o.weights_dir, post=post, models=models,
+                      parser=o.parse_model, routing=o.routing())
     with OutputFolder(out, "crop", inputs) as folder:
         files, root = plan_inputs(inputs, exclude=out)
         if not files:
@@ -737,6 +774,8 @@ def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None 
             _check_given_faces(cropper, match.faces, table.path)
         else:  # the detector's weights before the output folder is touched
             load_models(models, o.device, o.weights_dir, o.det_model)
+        if cropper.routing.active:
+            load_models(models, o.device, o.weights_dir, o.parse_model)
         folder.claim(False, resume=True)  # refuses another command's folder, before anything goes
         _prepare_output(out, o.overwrite)  # crops.json names this command's files: exactly those go
         folder.record([MANIFEST, JOURNAL, *REPORT_FILES])
@@ -752,7 +791,8 @@ def _crop_into(out: Path, cropper: Cropper, files: list[Path], root: Path, match
         face_points = {p: [e.points for e in entries] for p, entries in match.faces.items()}
         items = cropper.given(readable([f for f in files if f in match.faces], unreadable), face_points)
     try:
-        with CropSink(out, output_stems(files, root), o.ext, o.strategy == "all", total=len(files)) as sink:
+        with CropSink(out, output_stems(files, root), o.ext, o.strategy == "all", total=len(files),
+                      routing=cropper.routing) as sink:
             for batch in cropper.batches(items):
                 sink.add(batch)
     finally:
@@ -783,6 +823,8 @@ def _summary(sink: CropSink, unreadable: list[Path], match) -> None:
         parts.append(f"{len(unreadable)} unreadable (list: {out / 'unreadable.txt'})")
     if match is not None and match.missing:
         parts.append(f"{len(match.missing)} without landmarks (list: {out / 'no_landmarks.txt'})")
+    if sink.unrouted:
+        parts.append(f"{_count(sink.unrouted, 'face')} in no attribute or mask group, not written")
     print("tidyface: " + "; ".join(parts), file=sys.stderr)
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..models.base import PreparedImage, model_device
-from ..ops.align import FACE_SPAN, umeyama, warp
+from ..ops.align import FACE_SPAN, invert, umeyama, warp, warp_labels
 from ..types import Detections, Faces, FaceTable
 from . import dedup as dd
 from . import grouping as gp
@@ -282,14 +282,24 @@ def parser_geometry(parser, size: int | None = None) -> Alignment:
 
 @torch.inference_mode()
 def parse(parser, faces: Faces, batch_size: int = 4) -> Faces:
-    """The parse step: each crop's class scores (N,C,h,w), in spec.meta.class_names order, as
-    Faces.masks; the crops should be cut with parser_geometry. Batches of 4: a 512 px face's 19
-    score maps take 20 MB."""
-    if len(faces) == 0:
-        n_cls = len(parser.spec.meta.class_names)
-        return replace(faces, masks=faces.crops.new_zeros(0, n_cls, *faces.crops.shape[2:]))
-    masks = torch.cat([parser.parse(c.float()) for c in faces.crops.split(batch_size)])
+    """The parse step: each crop's class map (N,h,w) uint8, ids in spec.meta.class_names order,
+    as Faces.masks; the crops should be cut with parser_geometry. Batches of 4: a 512 px face's
+    19 score maps take 20 MB, and only their argmax is kept."""
+    maps = [parser.parse(c.float()).argmax(1).to(torch.uint8)
+            for c in faces.crops.split(batch_size)]
+    masks = torch.cat(maps) if maps else faces.crops.new_zeros(0, *faces.crops.shape[2:], dtype=torch.uint8)
     return replace(faces, masks=masks)
+
+
+def parse_into(parser, images: Sequence[Tensor], faces: Faces, batch_size: int = 4) -> Faces:
+    """`faces` (cut in any geometry from `images`) with the class maps of their parse, moved
+    into each crop's own frame: the parser sees its own crops (parser_geometry), and each map
+    goes through parse crop -> image -> output crop, so attribute shares and mask groups are
+    measured on the pixels the parser was trained for."""
+    own = parse(parser, align(images, faces.detections, parser_geometry(parser)), batch_size)
+    to_out = faces.crop_mat.to(torch.float64) @ invert(own.crop_mat.to(torch.float64))
+    h, w = faces.crops.shape[2:]
+    return replace(faces, masks=warp_labels(own.masks, to_out, (w, h)))
 
 
 # ----------------------------------------------------------------------------- dedup and group
