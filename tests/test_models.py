@@ -55,10 +55,17 @@ def _bisenet_checkpoint(path):
     torch.save(BiSeNet(num_class=19).state_dict(), path)  # zllrunning's layout (facexlib's names)
 
 
+def _scrfd_10g_onnx(path):
+    from onnx_standins import scrfd_10g_onnx
+
+    scrfd_10g_onnx(path)  # insightface's graph layout at the 10G config's widths (no reference package)
+
+
 # Upstream files that ../shared does not carry, written in their upstream layout by the
 # reference implementation (random weights), so their converters are tested all the same.
 STAND_INS = {"facenet_vggface2": _facenet_pytorch_checkpoint, "facenet_casia": _facenet_pytorch_checkpoint,
-             "retinaface_r50": _retinaface_r50_checkpoint, "bisenet_celebamask": _bisenet_checkpoint}
+             "retinaface_r50": _retinaface_r50_checkpoint, "bisenet_celebamask": _bisenet_checkpoint,
+             "scrfd_10g": _scrfd_10g_onnx}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -18,6 +18,9 @@ _BUILTIN_MODULES = (
     "tidyface.models.facenet",
     "tidyface.models.mobilefacenet",
     "tidyface.models.bisenet",
+    "tidyface.models.scrfd",
+    "tidyface.models.yunet",
+    "tidyface.models.centerface",
 )
 ENTRY_POINT_GROUP = "tidyface.models"
 

@@ -1,4 +1,4 @@
-"""Read a TensorFlow 1 frozen GraphDef (.pb) without TensorFlow: a minimal protobuf wire reader.
+"""Read a TensorFlow 1 frozen GraphDef (.pb) without TensorFlow (wire format: convert/protobuf.py).
 
 Field numbers from tensorflow/core/framework/{graph,node_def,attr_value,tensor,tensor_shape,
 types}.proto; only what a frozen inference graph needs is decoded:
@@ -13,75 +13,19 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
+
+from .protobuf import LEN, ProtobufError, fixed, iter_fields, signed64, varints
 
 # TensorFlow DataType enum -> numpy (bfloat16, strings and resources are not weights: refused).
 DTYPES = {1: np.float32, 2: np.float64, 3: np.int32, 4: np.uint8, 5: np.int16, 6: np.int8,
           9: np.int64, 10: np.bool_, 17: np.uint16, 19: np.float16, 22: np.uint32, 23: np.uint64}
-VARINT, FIXED64, LEN, FIXED32 = 0, 1, 2, 5
 
 
-class GraphDefError(ValueError):
+class GraphDefError(ProtobufError):
     """Bytes this reader cannot take as a GraphDef; the message says what was wrong."""
-
-
-def read_varint(buf, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise GraphDefError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise GraphDefError("varint longer than 10 bytes")
-
-
-def iter_fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
-    """(field number, wire type, value) of one message: an int for varints, else a memoryview."""
-    pos, end = 0, len(buf)
-    while pos < end:
-        key, pos = read_varint(buf, pos)
-        num, wire = key >> 3, key & 7
-        if wire == VARINT:
-            val, pos = read_varint(buf, pos)
-        else:
-            if wire == LEN:
-                n, pos = read_varint(buf, pos)
-            elif wire in (FIXED32, FIXED64):
-                n = 4 if wire == FIXED32 else 8
-            else:  # 3/4 are proto2 groups, which no GraphDef writer emits
-                raise GraphDefError(f"field {num}: unsupported wire type {wire}")
-            if pos + n > end:
-                raise GraphDefError(f"field {num}: {n} bytes run past the end of the message")
-            val, pos = buf[pos:pos + n], pos + n
-        yield num, wire, val
-
-
-def _varints(wire: int, val) -> list[int]:
-    """A repeated varint field, packed (one LEN blob) or not (one varint per entry)."""
-    if wire == VARINT:
-        return [val]
-    out, pos = [], 0
-    while pos < len(val):
-        v, pos = read_varint(val, pos)
-        out.append(v)
-    return out
-
-
-def _fixed(val, fmt: str) -> list:
-    size = struct.calcsize(fmt)
-    return list(struct.unpack(f"<{len(val) // size}{fmt}", val))
-
-
-def _signed64(v: int) -> int:
-    # Negative int32 and int64 values are written as 10-byte two's-complement varints.
-    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 def parse_tensor(buf: memoryview) -> np.ndarray:
@@ -97,13 +41,13 @@ def parse_tensor(buf: memoryview) -> np.ndarray:
         elif num == 4:
             content = val
         elif num == 5:
-            values += _fixed(val, "f")
+            values += fixed(val, "f")
         elif num == 6:
-            values += _fixed(val, "d")
+            values += fixed(val, "d")
         elif num in (7, 10, 13):  # int_val, int64_val, half_val (float16 bit patterns)
-            values += [_signed64(v) for v in _varints(wire, val)]
+            values += [signed64(v) for v in varints(wire, val)]
         elif num == 11:
-            values += [bool(v) for v in _varints(wire, val)]
+            values += [bool(v) for v in varints(wire, val)]
     if dtype not in DTYPES:
         raise GraphDefError(f"tensor dtype enum {dtype} is not supported")
     np_dtype = np.dtype(DTYPES[dtype])
@@ -134,14 +78,14 @@ def parse_attr(buf: memoryview) -> Any:
                 if lnum == 2:
                     items.append(bytes(lval).decode(errors="replace"))
                 elif lnum == 3:
-                    items += [_signed64(v) for v in _varints(lwire, lval)]
+                    items += [signed64(v) for v in varints(lwire, lval)]
                 elif lnum == 4:
-                    items += _fixed(lval, "f")
+                    items += fixed(lval, "f")
             return items
         if num == 2:
             return bytes(val).decode(errors="replace")
         if num == 3:
-            return _signed64(val)
+            return signed64(val)
         if num == 4:
             return struct.unpack("<f", val)[0]
         if num == 5:
@@ -169,6 +113,15 @@ class Node:
 
 def parse_graphdef(data: bytes) -> list[Node]:
     """All nodes of a serialised GraphDef, in file order."""
+    try:
+        return _parse_nodes(data)
+    except GraphDefError:
+        raise
+    except ProtobufError as e:  # a wire-format fault: reported as this reader's error
+        raise GraphDefError(str(e)) from None
+
+
+def _parse_nodes(data: bytes) -> list[Node]:
     nodes = []
     for num, wire, node_buf in iter_fields(memoryview(data)):
         if num != 1 or wire != LEN:

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from ..convert import load_torch_file, rename_keys
 from ..ops.image import as_rgb_batch
-from ..ops.nms import batched_nms
-from ..ops.priors import decode_boxes, decode_landmarks, prior_boxes
+from ..ops.nms import batched_nms, group_by_image
+from ..ops.priors import decode_boxes, decode_landmarks, flatten_head, prior_boxes
+from ..ops.resize import network_size
 from ..registry import FIVE_POINTS, ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
 from ..types import Detections
 from .base import Detector, PreparedImage
@@ -172,11 +173,6 @@ class SSH(nn.Module):
         return F.relu(out)
 
 
-def _flatten_head(t: Tensor, per_anchor: int) -> Tensor:
-    """(B, A*C, h, w) -> (B, h*w*A, C): the priors' row, column, anchor order."""
-    return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1, per_anchor)
-
-
 class RetinaFace(nn.Module, Detector):
     """forward: (B,3,H,W) preprocessed -> loc (B,P,4) box regressions, logits (B,P,2) raw class
     scores (background, face; softmax gives upstream's test-phase output), landmarks (B,P,10)
@@ -202,9 +198,9 @@ class RetinaFace(nn.Module, Detector):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         feats = [ssh(f) for ssh, f in zip(self.ssh, self.fpn(self.body(x)))]
-        loc = torch.cat([_flatten_head(h(f), 4) for h, f in zip(self.box_head, feats)], 1)
-        logits = torch.cat([_flatten_head(h(f), 2) for h, f in zip(self.class_head, feats)], 1)
-        landmarks = torch.cat([_flatten_head(h(f), 10) for h, f in zip(self.landmark_head, feats)], 1)
+        loc = torch.cat([flatten_head(h(f), 4) for h, f in zip(self.box_head, feats)], 1)
+        logits = torch.cat([flatten_head(h(f), 2) for h, f in zip(self.class_head, feats)], 1)
+        landmarks = torch.cat([flatten_head(h(f), 10) for h, f in zip(self.landmark_head, feats)], 1)
         return loc, logits, landmarks
 
     @torch.no_grad()
@@ -254,15 +250,6 @@ class RetinaFace(nn.Module, Detector):
 CPU_PIXELS_PER_FORWARD = 1_000_000
 
 
-def network_size(hw, max_size: int | None) -> tuple[int, int]:
-    """(h, w) of the network input: the longer side at most max_size, aspect kept, never upscaled."""
-    h, w = int(hw[0]), int(hw[1])
-    if max_size is None or max(h, w) <= max_size:
-        return h, w
-    s = max_size / max(h, w)
-    return max(1, round(h * s)), max(1, round(w * s))
-
-
 def preprocess(images: Tensor, max_size: int | None = None) -> Tensor:
     """RGB 0..255 (B,3,H,W), uint8 or float -> network input: resized so the longer side is at most
     max_size (aspect kept, bilinear as upstream's cv2.INTER_LINEAR; never upscaled), BGR minus mean."""
@@ -305,11 +292,7 @@ def postprocess(loc: Tensor, logits: Tensor, landmarks: Tensor, input_hw: Sequen
     boxes = decode_boxes(loc[image_index, prior_index], p, VARIANCES) * wh.repeat(2)
     points = decode_landmarks(landmarks[image_index, prior_index], p, VARIANCES) * wh
 
-    keep = batched_nms(boxes, scores, image_index, nms_iou)  # by decreasing score
-    img_sorted, perm = torch.sort(image_index[keep], stable=True)  # group by image, scores stay sorted
-    keep = keep[perm]
-    rank = torch.arange(len(keep), device=keep.device) - torch.searchsorted(img_sorted, img_sorted)
-    keep = keep[rank < max_per_image]
+    keep = group_by_image(batched_nms(boxes, scores, image_index, nms_iou), image_index, max_per_image)
     return Detections(boxes[keep], scores[keep], points[keep], image_index[keep])
 
 

@@ -97,3 +97,14 @@ def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: fl
         keep.append(idx[nms(boxes[idx], scores[idx], iou_threshold, offset, mode)])
     keep = torch.cat(keep)
     return keep[torch.argsort(scores[keep], descending=True, stable=True)]
+
+
+def group_by_image(keep: Tensor, image_index: Tensor, max_per_image: int | None = None) -> Tensor:
+    """Kept indices (by decreasing score, as batched_nms gives them) reordered by image, scores
+    still decreasing within each image, and at most max_per_image per image."""
+    img_sorted, perm = torch.sort(image_index[keep], stable=True)
+    keep = keep[perm]
+    if max_per_image is None:
+        return keep
+    rank = torch.arange(len(keep), device=keep.device) - torch.searchsorted(img_sorted, img_sorted)
+    return keep[rank < max_per_image]

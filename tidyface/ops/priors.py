@@ -60,3 +60,9 @@ def decode_landmarks(pred: Tensor, priors: Tensor, variances: Sequence[float]) -
     """Regression (..., P, 2K) as (x1, y1, x2, y2, ...) -> points (..., P, K, 2), priors' units."""
     pts = pred.unflatten(-1, (-1, 2))
     return priors[:, None, :2] + pts * variances[0] * priors[:, None, 2:]
+
+
+def flatten_head(t: Tensor, per_anchor: int) -> Tensor:
+    """A head's (B, A*C, h, w) output -> (B, h*w*A, C): the row, column, anchor order of the
+    priors here and of ops.distance.grid_points."""
+    return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1, per_anchor)
