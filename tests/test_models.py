@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import esrgan_standins
+
 from tidyface.models.base import PROTOCOLS
 from tidyface.registry import TASKS, list_models
 from tidyface.weights import is_available, load_model, resolve_file
@@ -66,6 +68,7 @@ def _scrfd_10g_onnx(path):
 STAND_INS = {"facenet_vggface2": _facenet_pytorch_checkpoint, "facenet_casia": _facenet_pytorch_checkpoint,
              "retinaface_r50": _retinaface_r50_checkpoint, "bisenet_celebamask": _bisenet_checkpoint,
              "scrfd_10g": _scrfd_10g_onnx}
+STAND_INS.update(esrgan_standins.STAND_INS)  # the Real-ESRGAN and BSRGAN .pth releases
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -147,5 +150,10 @@ def test_batched_call_has_the_documented_shapes(name):
             scores = model.parse(torch.rand(2, 3, size, size) * 255)
             assert scores.shape == (2, len(meta.class_names), size, size)
             assert torch.isfinite(scores).all()
+    elif model.spec.task == "enhance":
+        s = meta.scale  # an odd size: x2 RRDBNet pads it to even (pixel-unshuffle) and crops back
+        out = model.enhance(torch.rand(2, 3, 3, 5) * 255)  # small: RRDBNet costs ~17 MMAC a pixel
+        assert out.shape == (2, 3, 3 * s, 5 * s) and out.dtype == torch.float32
+        assert 0 <= float(out.min()) and float(out.max()) <= 255
     else:
         pytest.fail(f"no shape check for task {model.spec.task!r} yet: add one here")

@@ -21,6 +21,7 @@ _BUILTIN_MODULES = (
     "tidyface.models.scrfd",
     "tidyface.models.yunet",
     "tidyface.models.centerface",
+    "tidyface.models.esrgan",
 )
 ENTRY_POINT_GROUP = "tidyface.models"
 
