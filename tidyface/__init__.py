@@ -8,6 +8,8 @@ Images are RGB, uint8 or float in 0..255. The functions (each also a `tidyface` 
     embed(paths, model=...)             -> FaceTable (one row per face, with embeddings)
     group(path, out, mode=...)          -> the faces of a folder sorted by person
     video_to_faces(input, **flags)      -> videos in, faces grouped per person out
+    anonymize(images, **flags)          -> the images with every face obscured (`tidyface anonymize`
+                                           does photos and videos on disk)
     read_faces(result)                  -> the FaceTable of an embed, group or video2faces result
     load_model(name), list_models()     the model zoo; ModelCache for tasks that share models
     Detector, Landmarker, Encoder, Parser, Enhancer   the model protocols a plugin implements
@@ -30,6 +32,7 @@ _LAZY = {
     "group": "tasks.group:run_group",
     "Cropper": "tasks.crop", "crop": "tasks.crop", "uncrop": "tasks.crop", "paste_back": "tasks.crop",
     "video_to_faces": "tasks.video2faces",
+    "anonymize": "tasks.anonymize",
 }
 __all__ = ["list_models", "__version__", *_LAZY]
 

@@ -120,6 +120,18 @@ def _video2faces(_, o):
     _exit(1 if summary["failed"] else 0)
 
 
+def _anonymize(paths, o):
+    from .tasks.anonymize import run_anonymize
+
+    try:
+        code = run_anonymize(paths, o)
+    except KeyboardInterrupt:
+        print("tidyface: interrupted; run the same command again to resume (finished files are kept)",
+              file=sys.stderr)
+        sys.exit(130)
+    _exit(code)
+
+
 def _models(_, o):
     from .tasks.catalogue import print_catalogue
 
@@ -138,6 +150,9 @@ COMMANDS = {
                      "crops) into one folder per person: OUT/<group>/<face>.jpg and OUT/groups.csv."),
     "video2faces": command(opt.Video2FacesOptions, _video2faces, "Turn videos into face images grouped per "
                            "person (see README for every flag).", aliases={"i": "input"}),
+    "anonymize": command(opt.AnonymizeOptions, _anonymize, "Obscure every face in photos and videos; writes "
+                         "them (mirroring the input tree) into OUT with OUT/anonymize_log.jsonl.", "paths",
+                         "photos, videos, folders of them (searched recursively) or .txt lists of paths."),
     "models": command(opt.ModelsOptions, _models, "Print the weights catalogue: name, task, licence, "
                       "upstream files, sha256, size, local?"),
 }

@@ -65,3 +65,39 @@ def readable(paths: Iterable[Path], failed: list | None = None) -> Iterator[tupl
                 failed.append(p)
         else:
             yield p, im
+
+
+def background(items: Iterable, depth: int = 8) -> Iterator:
+    """`items` produced on a thread (decoding releases the GIL) up to `depth` ahead; an error
+    of the producer is raised here, after the items before it."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
