@@ -8,6 +8,7 @@ Images are RGB, uint8 or float in 0..255. The functions (each also a `tidyface` 
     embed(paths, model=...)             -> FaceTable (one row per face, with embeddings)
     group(path, out, mode=...)          -> the faces of a folder sorted by person
     video_to_faces(input, **flags)      -> videos in, faces grouped per person out
+    parse(images)                       -> Faces with masks: each face's class map on its aligned crop
     anonymize(images, **flags)          -> the images with every face obscured (`tidyface anonymize`
                                            does photos and videos on disk)
     read_faces(result)                  -> the FaceTable of an embed, group or video2faces result
@@ -33,6 +34,7 @@ _LAZY = {
     "Cropper": "tasks.crop", "crop": "tasks.crop", "uncrop": "tasks.crop", "paste_back": "tasks.crop",
     "video_to_faces": "tasks.video2faces",
     "anonymize": "tasks.anonymize",
+    "parse": "tasks.parse",
 }
 __all__ = ["list_models", "__version__", *_LAZY]
 

@@ -120,6 +120,12 @@ def _video2faces(_, o):
     _exit(1 if summary["failed"] else 0)
 
 
+def _parse(paths, o):
+    from .tasks.parse import run_parse
+
+    _exit(run_parse(paths, o))
+
+
 def _anonymize(paths, o):
     from .tasks.anonymize import run_anonymize
 
@@ -150,6 +156,8 @@ COMMANDS = {
                      "crops) into one folder per person: OUT/<group>/<face>.jpg and OUT/groups.csv."),
     "video2faces": command(opt.Video2FacesOptions, _video2faces, "Turn videos into face images grouped per "
                            "person (see README for every flag).", aliases={"i": "input"}),
+    "parse": command(opt.ParseOptions, _parse, "Parse every face into classes (skin, eyes, hair, ...); writes "
+                     "one class map per face (mirroring the input tree) and OUT/parse.json.", "paths", PATHS),
     "anonymize": command(opt.AnonymizeOptions, _anonymize, "Obscure every face in photos and videos; writes "
                          "them (mirroring the input tree) into OUT with OUT/anonymize_log.jsonl.", "paths",
                          "photos, videos, folders of them (searched recursively) or .txt lists of paths."),

@@ -242,6 +242,23 @@ class CropOptions(PartGroupFlags, Common):
 FACE_CLASSES = "1-13"
 
 
+@dataclass
+class ParseOptions(Common):
+    out: str | None = flag(None, "output folder (required): per face NAME_K.png (class ids on the face's "
+                                 "aligned crop) and OUT/parse.json.")
+    color: bool = flag(False, "also write colour pictures of the class maps (NAME_K_color.png).")
+    in_image: bool = flag(False, "also write each image's classes in its own pixels (NAME_classes.png).")
+    parse_model: str = flag("bisenet_celebamask", "face parser (`tidyface models --task parse`).", model="parse")
+    det_model: str = flag("retinaface_mnet025", DETECTOR, model="detect")
+    det_threshold: float | None = flag(None, "drop faces scoring below this.", range=SCORE)
+    batch_size: int = flag(8, "images per detector pass.", range=AT_LEAST_1)
+    overwrite: bool = flag(False, "replace an earlier parse result in OUT (exactly its files).")
+
+    def check(self):
+        if not self.out:
+            raise UsageError("give --out DIR")
+
+
 def _id_range(part: str) -> list[int]:
     lo, dash, hi = part.strip().partition("-")
     return list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
