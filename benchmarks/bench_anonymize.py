@@ -6,6 +6,7 @@ detectors neither tool uses (OpenCV's YuNet, insightface's SCRFD-2.5g; tests/res
 the original and in the output, on every `--stride`-th frame.
 
     python benchmarks/bench_anonymize.py [--video Video_2.mp4] [--seconds S] [--threads 2] [--stride 10]
+        [--tables video,photos,parse] [--tools all|tidyface|deface] [--flags="--region parse"]
 
 deface needs scikit-image, imageio and imageio-ffmpeg (`pip install deface==1.5.0` brings them).
 Also: BiSeNet parse throughput, batch 32 of real 512 px face crops, against facexlib's BiSeNet
@@ -83,8 +84,8 @@ def video_table(args) -> None:
         ours = tmp / "tidyface"
         theirs = tmp / "deface" / src.name
         theirs.parent.mkdir()
-        rows = [("tidyface (parse, blur)", "from tidyface.cli import main; main()",
-                 ["tidyface", "anonymize", str(src), "--out", str(ours)], ours / src.name),
+        rows = [(f"tidyface ({' '.join(args.flags) or 'defaults'})", "from tidyface.cli import main; main()",
+                 ["tidyface", "anonymize", str(src), "--out", str(ours), *args.flags], ours / src.name),
                 ("deface 1.5.0 (defaults)", "from deface.deface import main; main()",
                  ["deface", str(src), "-o", str(theirs)], theirs)]
         counters = {"yunet": residual.yunet_counter(), "scrfd": residual.scrfd_counter()}
@@ -93,6 +94,8 @@ def video_table(args) -> None:
         print("| tool | wall s | frames/s | peak RSS MiB | YuNet faces left | SCRFD faces left |")
         print("|---|---|---|---|---|---|")
         for name, call, argv, out in rows:
+            if args.tools != "all" and not name.startswith(args.tools):
+                continue
             wall, rss = run_tool(call, argv, args.threads)
             res = residual.residuals(src, out, counters, stride=args.stride)
             cells = [f"{m}/{n} = {m / max(n, 1):.3f}" for n, m in (res["yunet"], res["scrfd"])]
@@ -123,14 +126,16 @@ def photo_table(args) -> None:
         print("| tool | wall s | photos/s | peak RSS MiB | YuNet faces left | SCRFD faces left |")
         print("|---|---|---|---|---|---|")
         inputs = [str(theirs / n) for n in names]
-        rows = [("tidyface (parse, blur)", "from tidyface.cli import main; main()",
-                 ["tidyface", "anonymize", str(listing), "--out", str(ours)],
+        rows = [(f"tidyface ({' '.join(args.flags) or 'defaults'})", "from tidyface.cli import main; main()",
+                 ["tidyface", "anonymize", str(listing), "--out", str(ours), *args.flags],
                  lambda p: ours / p.relative_to(Path(os.path.commonpath([str(q.parent) for q in photos])))),
                 ("deface 1.5.0 (defaults)", "from deface.deface import main; main()",
                  ["deface", *inputs],
                  lambda p: theirs / (str(p.relative_to(media)).replace("/", "__").rsplit(".", 1)[0]
                                      + "_anonymized." + p.name.rsplit(".", 1)[1]))]
         for name, call, argv, out_of in rows:
+            if args.tools != "all" and not name.startswith(args.tools):
+                continue
             wall, rss = run_tool(call, argv, args.threads)
             total = {"yunet": [0, 0], "scrfd": [0, 0]}
             for p in photos:
@@ -174,7 +179,10 @@ def main():
     ap.add_argument("--stride", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tables", default="video,photos,parse")
+    ap.add_argument("--tools", default="all", help="all, tidyface or deface")
+    ap.add_argument("--flags", default="", help='tidyface anonymize flags, e.g. --flags="--region parse"')
     args = ap.parse_args()
+    args.flags = args.flags.split()
     if "video" in args.tables:
         video_table(args)
     if "photos" in args.tables:

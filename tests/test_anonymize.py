@@ -117,9 +117,8 @@ def _report(rows: dict) -> dict:
 
 
 def test_photos_leave_almost_no_face(tmp_path, parser_weights, counters):
-    """Every face YuNet or SCRFD finds in the originals, against what they find in the outputs.
-    Measured: yunet 0/52, scrfd 1/72 = 0.014 (a face at t1.jpg's edge; at --strength 0.15
-    instead of 0.3, SCRFD still finds 12 of 55 blurred heads)."""
+    """Every face YuNet or SCRFD finds in the originals, against what they find in the outputs,
+    with the defaults (ellipse 1.6x the box, blur 0.3). Measured: see the printed table."""
     from tidyface.cli import main
 
     src = tmp_path / "in"
@@ -144,9 +143,9 @@ def test_photos_leave_almost_no_face(tmp_path, parser_weights, counters):
 
 
 def test_video_every_frame_covered(tmp_path, parser_weights, counters):
-    """The first 2 s of the Hamilton clip (60 frames, stage and audience): every frame written,
-    same size and rate, audio kept; faces counted on every 3rd frame. Measured: yunet 0/5,
-    scrfd 0/34."""
+    """The first 2 s of the Hamilton clip (60 frames, stage and audience), region parse (tracked
+    faces keep their parse): every frame written, same size and rate, audio kept; faces counted
+    on every 3rd frame. Measured: yunet 0/5, scrfd 0/34."""
     import av
 
     from tidyface.ops.video import VideoReader
@@ -167,7 +166,7 @@ def test_video_every_frame_covered(tmp_path, parser_weights, counters):
             self.n += k
 
     bar = Bar()
-    rec = Anonymizer(AnonymizeOptions()).video(clip, out, bar)
+    rec = Anonymizer(AnonymizeOptions(region="parse")).video(clip, out, bar)
     assert rec["frames"] == bar.n == w.frames == 60 and rec["audio"]
     assert rec["parsed_anew"] < rec["parse"]  # tracked faces reuse their parse
     with av.open(str(out)) as b:
