@@ -17,6 +17,20 @@ def need(path: Path) -> Path:
     return path
 
 
+def reference(module: str):
+    """A test-only reference package (the README's test command installs every one): imported,
+    or a skip where it is absent, except under CI, where a missing reference fails the test
+    instead of letting it pass unchecked."""
+    if os.environ.get("CI"):
+        import importlib
+
+        try:
+            return importlib.import_module(module)
+        except ImportError as e:
+            pytest.fail(f"{module} is missing, and CI installs every reference package ({e})")
+    return pytest.importorskip(module)
+
+
 _PYPI_FOLDER: list[Path] = []
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MEDIA, WEIGHTS, need, pypi_upstream
+from conftest import MEDIA, WEIGHTS, need, pypi_upstream, reference
 from tidyface import registry
 from tidyface.convert.dlib import (SEGMENT, DlibFormatError, decode_ints, read_int,
                                    read_shape_predictor)
@@ -20,7 +20,7 @@ from tidyface.ops.image import read_image
 from tidyface.types import Detections
 from tidyface.weights import load_model
 
-dlib = pytest.importorskip("dlib")
+dlib = reference("dlib")
 
 PHOTOS = MEDIA / "dlib_faces_landmarks"
 SPECS = {name: registry.get(name).spec for name in ("dlib68", "dlib5")}

@@ -22,7 +22,7 @@ from tidyface.registry import get
 from tidyface.weights import load_model
 
 import esrgan_standins
-from conftest import MEDIA, WEIGHTS, need
+from conftest import MEDIA, WEIGHTS, need, reference
 
 NCNN_DIR = WEIGHTS / "realesrgan_ncnn"
 PARITY_TOL = 1e-4  # on 0..1 outputs: float16 weights are stored; both sides compute in float32
@@ -51,7 +51,7 @@ PARITY = [
 
 
 def _ncnn_forward(stem: str, rgb01: np.ndarray) -> np.ndarray:
-    ncnn = pytest.importorskip("ncnn")
+    ncnn = reference("ncnn")
     net = ncnn.Net()
     net.opt.use_vulkan_compute = False
     net.opt.use_fp16_packed = net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = False

@@ -21,13 +21,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import reference
 from tidyface.export import export_model, onnx_session, run_onnx
 from tidyface.models.base import export_graphs
 from tidyface.registry import list_models
 from tidyface.weights import load_model
 
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+reference("onnx")
+reference("onnxruntime")
 
 TOLERANCE = 1e-4  # max abs difference / max |torch output|
 
