@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..convert import check_complete, load_torch_file, rename_keys
+from ..ops.image import normalise
 from ..registry import ModelMeta, UpstreamFile, WeightSpec, register
 from .base import Parser
 
@@ -224,9 +225,7 @@ def preprocess(images: Tensor) -> Tensor:
         raise ValueError(f"BiSeNet takes RGB (N,3,S,S) crops, got {tuple(images.shape)}")
     x = images.float() if images.dtype != torch.float32 else images
     x = _resize(x, (INPUT_SIZE, INPUT_SIZE))
-    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x / 255 - mean) / std
+    return normalise(x, MEAN, STD)
 
 
 # zllrunning's module names (facexlib's are the same) -> ours, applied in order to every key.

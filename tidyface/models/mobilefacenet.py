@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..convert import check_complete, load_torch_file, rename_keys
+from ..ops.image import normalise
 from ..registry import ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
 from .base import Encoder
 
@@ -134,9 +134,7 @@ def preprocess(images: Tensor) -> Tensor:
         raise ValueError(f"MobileFaceNet takes RGB (B,3,{INPUT_SIZE},{INPUT_SIZE}) crops, "
                          f"got {tuple(images.shape)}")
     x = images.float() if not images.is_floating_point() else images
-    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x / 255 - mean) / std
+    return normalise(x, MEAN, STD)
 
 
 # foamliu's module names -> ours (applied in order to every key, buffers included).

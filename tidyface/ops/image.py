@@ -102,6 +102,16 @@ def _images_under(folder: Path, exts) -> Iterator[Path]:
                 yield q
 
 
+def normalise(x, mean, std):
+    """(x / 255 - mean) / std per channel of a (B,3,H,W) float tensor, mean and std on 0..1
+    (the torchvision ToTensor + Normalize that ImageNet-trained networks were fed)."""
+    import torch
+
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x / 255 - m) / s
+
+
 def to_tensor_batch(images: list[np.ndarray], device="cpu", dtype=None):
     """Stack same-size RGB uint8 images into a (B,3,H,W) tensor on device, 0..255: float32, or
     with dtype=torch.uint8 the 8-bit pixels themselves (4x less memory; the detectors take both)."""

@@ -56,25 +56,32 @@ def in_image(faces: Faces, image_index: int, size: tuple[int, int]) -> Tensor:
     return maps.gather(0, first[None])[0]
 
 
+def _parsing_cropper(parser, det_model: str, det_threshold, device, models, batch_size: int = 8,
+                     weights_dir=None):
+    """A Cropper that cuts the parser's own crops (parser_geometry: FFHQ framing at its input
+    size) and parses each batch of them (Faces.masks)."""
+    from .crop import Cropper
+
+    return Cropper(pl.parser_geometry(parser).size, template="ffhq", det_model=det_model,
+                   det_threshold=det_threshold, device=device, batch_size=batch_size, weights_dir=weights_dir,
+                   padding="replicate", post=[lambda f: pl.parse(parser, f)], models=models)
+
+
 def parse(images, det_model: str = "retinaface_mnet025", parse_model: str = "bisenet_celebamask",
           device=None, det_threshold: float | None = None, models: ModelCache | None = None) -> Faces:
     """Parse the faces of in-memory images (a path, numpy RGB array, PIL image or tensor, or a
     list): Faces whose crops are the parser's aligned crops and whose masks are their (N,h,w)
     uint8 class maps (ids: the parser's spec.meta.class_names); image_index indexes `images`."""
-    from .crop import Cropper
-
     items, single = image_list(images)
     dev = resolve_device(device)
     (parser,) = load_models(models, dev, None, parse_model)
-    geometry = pl.parser_geometry(parser)
-    cropper = Cropper(geometry.size, template="ffhq", det_model=det_model, det_threshold=det_threshold,
-                      device=dev, post=[lambda f: pl.parse(parser, f)], models=models, padding="replicate")
+    cropper = _parsing_cropper(parser, det_model, det_threshold, dev, models)
     return cropper.crop([as_rgb_uint8(im, "image" if single else f"images[{i}]") for i, im in enumerate(items)])
 
 
 def run_parse(paths: Sequence[str], o: ParseOptions, models: ModelCache | None = None) -> int:
     """The `tidyface parse` command; returns the exit code (1: some images unreadable)."""
-    from .crop import Cropper, output_stems, plan_inputs
+    from .crop import output_stems, plan_inputs
 
     if not paths:
         raise UsageError("give at least one image, folder or .txt list")
@@ -86,10 +93,7 @@ def run_parse(paths: Sequence[str], o: ParseOptions, models: ModelCache | None =
     dev = resolve_device(o.device)
     (parser,) = load_models(models, dev, o.weights_dir, o.parse_model)
     load_models(models, dev, o.weights_dir, o.det_model)
-    geometry = pl.parser_geometry(parser)
-    cropper = Cropper(geometry.size, template="ffhq", det_model=o.det_model, det_threshold=o.det_threshold,
-                      device=dev, batch_size=o.batch_size, weights_dir=o.weights_dir, padding="replicate",
-                      post=[lambda f: pl.parse(parser, f)], models=models)
+    cropper = _parsing_cropper(parser, o.det_model, o.det_threshold, dev, models, o.batch_size, o.weights_dir)
     stems, failed, records = output_stems(files, root), [], {}
     with folder, progress(len(files), "img", "parse") as bar:
         folder.claim(o.overwrite, resume=False)
