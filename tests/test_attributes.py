@@ -146,3 +146,62 @@ def test_glasses_group_precision_and_recall(parser_weights):
           + ", ".join(f"{s}: ({p:.2f}, {r:.2f})" for s, (p, r) in table.items()))
     precision, recall = table[GROUP_SHARE]
     assert precision >= 0.85 and recall >= 0.85
+
+
+def _photo_video(path, names, size=(640, 480), seconds=2):
+    """A 1 fps mp4 showing each photo (letterboxed onto one canvas) for `seconds` frames."""
+    import cv2
+
+    from tidyface.ops.image import read_image
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 1.0, size)
+    for name in names:
+        img = read_image(need(MEDIA / name))
+        s = min(size[0] / img.shape[1], size[1] / img.shape[0])
+        small = cv2.resize(img, (int(img.shape[1] * s), int(img.shape[0] * s)), interpolation=cv2.INTER_AREA)
+        canvas = np.zeros((size[1], size[0], 3), np.uint8)
+        canvas[:small.shape[0], :small.shape[1]] = small
+        for _ in range(seconds):
+            writer.write(np.ascontiguousarray(canvas[..., ::-1]))
+    writer.release()
+    return path
+
+
+def test_video2faces_groups_parts_inside_each_person(tmp_path, parser_weights, monkeypatch):
+    """video2faces --attr-groups/--mask-groups: each kept face goes into
+    groups/<person>/<attr>/<mask>/ with its mask in <mask>_mask/, the parse is cached, and
+    regrouping with other groups parses nothing again."""
+    import csv
+
+    from tidyface.ops.image import read_image
+    from tidyface.tasks import pipeline
+    from tidyface.tasks.video2faces import video_to_faces
+
+    need(WEIGHTS / "mobilenet0.25_Final.pth")
+    video = _photo_video(tmp_path / "v.mp4", ["deepface_pairs/img24.jpg", "deepface_pairs/img1.jpg"])
+    out = tmp_path / "out"
+    video_to_faces(str(video), out_dir=str(out), attr_groups="glasses=6;no_glasses=-6", mask_groups="nose=10",
+                   det_min_size=30)
+    rows = [r for r in csv.DictReader(open(out / "groups.csv")) if r["group"] != "duplicate"]
+    by_frame = {int(r["frame"]): r["parts"] for r in rows}
+    assert by_frame and {by_frame[f] for f in by_frame if f < 2} == {"glasses/nose"}
+    assert {by_frame[f] for f in by_frame if f >= 2} == {"no_glasses/nose"}
+    for r in rows:
+        picture = read_image(out / r["file"])
+        assert r["file"] == f"groups/{r['group']}/{r['parts']}/{r['file'].rsplit('/', 1)[1]}"
+        mask = read_image(out / r["file"].replace("/nose/", "/nose_mask/").replace(".jpg", ".png"))[..., 0]
+        assert mask.shape == picture.shape[:2] and set(np.unique(mask)) <= {0, 255}
+        assert 0.002 < (mask == 255).mean() < 0.1  # a nose in a picture 1.5-2.2x the face box
+    cached = sorted((out / ".tidyface/classes/bisenet_celebamask").glob("*.png"))
+    assert len(cached) == len(rows)
+
+    def no_parse(*a, **k):
+        raise AssertionError("regrouping parsed again")
+
+    monkeypatch.setattr(pipeline, "parse", no_parse)
+    video_to_faces(str(video), out_dir=str(out), mode="grouping", attr_groups="hat=18")
+    rows = [r for r in csv.DictReader(open(out / "groups.csv")) if r["group"] != "duplicate"]
+    assert rows and all(r["parts"] == "" and r["file"].startswith("faces/") for r in rows)  # nobody wears a hat
+    with pytest.raises(UsageError, match="no negative"):
+        video_to_faces(str(video), out_dir=str(tmp_path / "other"), mask_groups="nose=-10")
+    assert not (tmp_path / "other").exists()

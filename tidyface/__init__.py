@@ -35,6 +35,7 @@ _LAZY = {
     "video_to_faces": "tasks.video2faces",
     "anonymize": "tasks.anonymize",
     "parse": "tasks.parse",
+    "enhance": "tasks.enhance",
 }
 __all__ = ["list_models", "__version__", *_LAZY]
 

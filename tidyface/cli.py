@@ -138,6 +138,12 @@ def _anonymize(paths, o):
     _exit(code)
 
 
+def _enhance(paths, o):
+    from .tasks.enhance import run_enhance
+
+    _exit(run_enhance(paths, o))
+
+
 def _models(_, o):
     from .tasks.catalogue import print_catalogue
 
@@ -161,6 +167,9 @@ COMMANDS = {
     "anonymize": command(opt.AnonymizeOptions, _anonymize, "Obscure every face in photos and videos; writes "
                          "them (mirroring the input tree) into OUT with OUT/anonymize_log.jsonl.", "paths",
                          "photos, videos, folders of them (searched recursively) or .txt lists of paths."),
+    "enhance": command(opt.EnhanceOptions, _enhance, "Enhance images with a super-resolution model (tiled), or "
+                       "only their faces (--faces-only); writes them (mirroring the input tree) into OUT.",
+                       "paths", PATHS),
     "models": command(opt.ModelsOptions, _models, "Print the weights catalogue: name, task, licence, "
                       "upstream files, sha256, size, local?"),
 }

@@ -182,7 +182,8 @@ PART_GROUPS = ("name=classes;name2=classes: {what} (class indices of --parse-mod
 
 @dataclass
 class PartGroupFlags(Options):
-    """The flags that sort parsed crops into attribute and mask groups (crop)."""
+    """The flags that sort parsed faces into attribute and mask groups (crop; video2faces, inside
+    each person's folder)."""
 
     attr_groups: str | None = flag(None, PART_GROUPS.format(
         what="a face goes into each group whose positive classes all cover --group-share of the crop "
@@ -314,6 +315,44 @@ class AnonymizeOptions(Common):
 
 
 @dataclass
+class EnhanceOptions(Common):
+    out: str | None = flag(None, "output folder (required): every image enhanced, mirroring the input tree.")
+    model: str = flag("realesrgan_x4plus_ncnn", "enhancer (`tidyface models --task enhance`): a super-resolution "
+                                                "model, or with --faces-only also a face restorer (GFPGAN).",
+                      model="enhance")
+    faces_only: bool = flag(False, "enhance only the faces (aligned to the model's template, pasted back "
+                                   "feathered); the rest is upscaled by --background.")
+    background: str = flag("resize", "--faces-only: resize (bicubic), or a super-resolution model for the rest "
+                                     "of the image.")
+    upscale: float | None = flag(None, "output size as a multiple of the input (default: the model's scale; "
+                                       "a restorer's is 1).", range=(0.1, 16.0))
+    tile: int = flag(256, "enhance in tiles of this many input pixels (0: whole images; memory grows with "
+                          "the tile).", range=AT_LEAST_0)
+    overlap: int = flag(24, "context pixels each tile shares with its neighbours (>= 18: the compact models "
+                            "give the untiled result exactly).", range=AT_LEAST_0)
+    feather: float = flag(0.1, "--faces-only: soft edge of each pasted face, as a share of its crop.",
+                          range=(0.0, 0.5))
+    det_model: str = flag("retinaface_mnet025", DETECTOR, model="detect")
+    det_threshold: float | None = flag(None, "--faces-only: enhance faces scoring at least this.", range=SCORE)
+    batch_size: int = flag(4, "tiles or faces per model pass.", range=AT_LEAST_1)
+    ext: str | None = flag(None, "output format: jpg, png, webp, bmp or tif (default: each input's own).")
+    overwrite: bool = flag(False, "replace an earlier enhance result in OUT (exactly its files).")
+
+    def check(self):
+        if not self.out:
+            raise UsageError("give --out DIR (inputs are never written over)")
+        if self.ext is not None:
+            self.ext = self.ext.lower().lstrip(".")
+            if self.ext not in ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"):
+                raise UsageError(f"--ext must be jpg, png, webp, bmp or tif, got {self.ext!r}")
+        if self.background != "resize":
+            check_model(self.background, "enhance", "--background")
+        if self.tile and self.tile <= 2 * self.overlap:
+            raise UsageError(f"--tile {self.tile} leaves no centre after --overlap {self.overlap} on each side; "
+                             f"use a tile larger than {2 * self.overlap}")
+
+
+@dataclass
 class EmbedOptions(Common):
     out: str | None = flag(None, "the .npz to write (required): one row per face (tidyface.read_faces).")
     model: str = flag("facenet_casia_tf", ENCODER, model="embed")
@@ -414,7 +453,7 @@ def parse_floats(value, n: int, name: str) -> tuple | None:
 
 
 @dataclass
-class Video2FacesOptions(GroupingFlags, Common):
+class Video2FacesOptions(PartGroupFlags, GroupingFlags, Common):
     input: str | None = flag(None, "a video, a folder of videos (see --input-ext) or a .txt list of paths.",
                              positional=True)
     out_dir: str | None = flag(None, "output folder (default: INPUT_faces beside the input).")
@@ -484,6 +523,12 @@ class Video2FacesOptions(GroupingFlags, Common):
                              f"start with a dot (the faces stay inside --out-dir)")
         self.enc_area = parse_area(self.enc_area)
         self.grouping(self.group_mode)
+        if self.routing().active and self.mode != "detection":  # refused before any work
+            from .registry import get
+
+            if not get(self.det_model).spec.meta.num_landmarks:
+                raise UsageError(f"--attr-groups / --mask-groups parse each face from its 5 points; "
+                                 f"--det-model {self.det_model} gives none (use e.g. retinaface_mnet025)")
         if self.group_mode == "classify" and self.mode != "detection" and not self.ref_dir:
             raise UsageError("--group-mode classify needs --ref-dir (one subfolder of reference images per person)")
 

@@ -471,20 +471,47 @@ def link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _group_rows(ws: Workspace, table: FaceTable, kept: np.ndarray, grouping, o) -> list[dict]:
+def _face_row(file: str, table: FaceTable, i: int, group: str, distance: str) -> dict:
+    return {"file": file, "frame": int(table.frame[i]), "face_index": int(table.face_index[i]),
+            "group": group, "distance": distance, "score": f"{table.scores[i]:.4f}"}
+
+
+def _place_parts(tmp: Path, ws: Workspace, table: FaceTable, kept: np.ndarray, grouping, sorter) -> list[dict]:
+    """Each kept face into its person's attribute / mask folders (groups/<person>/<attr>/<mask>/,
+    masks in <mask>_mask/ as PNG); a face in no group stays in faces/ only, its row says so."""
+    import cv2
+
+    rows = []
+    for part, routes in sorter.chunks(table, kept):
+        for i, face_routes in zip(part.tolist(), routes):
+            j = int(np.searchsorted(kept, i))
+            name, group, dist = str(table.name[i]), grouping.labels[j], f"{grouping.distance[j]:.4f}"
+            if not face_routes:
+                rows.append({**_face_row(f"faces/{name}", table, i, group, dist), "parts": ""})
+            for folder, mask in face_routes:
+                link(ws.faces / name, tmp / group / folder / name)
+                rows.append({**_face_row(f"groups/{group}/{folder}/{name}", table, i, group, dist), "parts": folder})
+                if mask is not None:
+                    ok, png = cv2.imencode(".png", mask)
+                    atomic_write_bytes(tmp / group / f"{folder}_mask" / Path(name).with_suffix(".png"), png.tobytes())
+    return rows
+
+
+def _group_rows(ws: Workspace, table: FaceTable, kept: np.ndarray, grouping, o, sorter=None) -> list[dict]:
     """OUT/groups/ rebuilt in a fresh folder then swapped in (an interrupted regrouping leaves
-    the old one whole); -> the groups.csv rows of the kept faces."""
+    the old one whole); -> the groups.csv rows of the kept faces. With a sorter (attribute or
+    mask groups, face_parts.PartSorter), faces go into sub-folders of their person's folder."""
     for stale in ws.out.glob(".groups.*"):  # left by an interrupted grouping
         shutil.rmtree(stale, ignore_errors=True)
     tmp = ws.out / f".groups.part-{os.getpid()}"
     tmp.mkdir()
     rows = []
-    for j, i in enumerate(kept.tolist() if grouping is not None else []):
+    if sorter is not None and grouping is not None:
+        rows = _place_parts(tmp, ws, table, kept, grouping, sorter)
+    for j, i in enumerate(kept.tolist() if grouping is not None and sorter is None else []):
         name, group = str(table.name[i]), grouping.labels[j]
         link(ws.faces / name, tmp / group / name)
-        rows.append({"file": f"groups/{group}/{name}", "frame": int(table.frame[i]),
-                     "face_index": int(table.face_index[i]), "group": group,
-                     "distance": f"{grouping.distance[j]:.4f}", "score": f"{table.scores[i]:.4f}"})
+        rows.append(_face_row(f"groups/{group}/{name}", table, i, group, f"{grouping.distance[j]:.4f}"))
     if grouping is not None and o.group_mode == "cluster" and o.clusters_save_all:
         for k, labels in grouping.details.get("labels_per_k", {}).items():
             for j, i in enumerate(kept.tolist()):
@@ -505,11 +532,10 @@ def _write_group_records(ws: Workspace, table: FaceTable, outcome: pl.DedupOutco
     """groups.csv (duplicates too), the dedup and grouping logs, index.html; -> the groups."""
     kept = np.flatnonzero(outcome.keep)
     _remove_stale_logs(ws, o)
+    parts = ["parts"] if rows and "parts" in rows[0] else []
     for i in np.flatnonzero(~outcome.keep):
-        rows.append({"file": f"faces/{table.name[i]}", "frame": int(table.frame[i]),
-                     "face_index": int(table.face_index[i]), "group": "duplicate", "distance": "",
-                     "score": f"{table.scores[i]:.4f}"})
-    write_csv(ws.out / "groups.csv", rows, ["file", "frame", "face_index", "group", "distance", "score"])
+        rows.append({**_face_row(f"faces/{table.name[i]}", table, i, "duplicate", ""), **dict.fromkeys(parts, "")})
+    write_csv(ws.out / "groups.csv", rows, ["file", "frame", "face_index", "group", "distance", "score"] + parts)
     for p, rows_p in outcome.logs.items():
         if o.save_dupes:
             shutil.rmtree(ws.inter / f"dupes{p}", ignore_errors=True)
@@ -537,6 +563,17 @@ def _remove_stale_logs(ws: Workspace, o) -> None:
             (ws.inter / f"log_dupes{p}.csv").unlink(missing_ok=True)
 
 
+def _part_sorter(o: Video2FacesOptions, ws: Workspace, models):
+    """The attribute / mask sorter of --attr-groups / --mask-groups, or None without them."""
+    routing = o.routing()
+    if not routing.active:
+        return None
+    from .face_parts import PartSorter
+
+    (parser,) = load_models(models, o.device, o.weights_dir, o.parse_model)
+    return PartSorter(parser, routing, ws.faces, ws.state / "classes" / o.parse_model)
+
+
 def group_stage(o: Video2FacesOptions, ws: Workspace, manifest: dict, models: ModelCache | None) -> dict:
     """dedup -> group over every face recorded in the manifest; rebuild OUT/groups/."""
     table, keys, video_of_row = ws.done_tables(manifest)
@@ -561,7 +598,7 @@ def group_stage(o: Video2FacesOptions, ws: Workspace, manifest: dict, models: Mo
                             references)
         if grouping.note:
             print(f"tidyface: {grouping.note}", file=sys.stderr)
-    rows = _group_rows(ws, table, kept, grouping, o)
+    rows = _group_rows(ws, table, kept, grouping, o, _part_sorter(o, ws, models))
     groups = _write_group_records(ws, table, outcome, rows, grouping, o)
     return {"faces": len(table), "duplicates": int((~outcome.keep).sum()),
             "groups": {g: len(v) for g, v in groups.items()}}
@@ -644,7 +681,8 @@ def _detect_one(k: int, path: Path, multi: bool, o, ws: Workspace, man: dict, mo
 def detection_stage(o: Video2FacesOptions, ws: Workspace, inp: Path, models, folder: OutputFolder) -> dict:
     videos = video_list(inp, o.input_ext)
     # weights before the first write: a run that cannot get them leaves no folder behind
-    load_models(models, o.device, o.weights_dir, o.det_model, o.enc_model)
+    needed = (o.det_model, o.enc_model) + ((o.parse_model,) if o.mode == "full" and o.routing().active else ())
+    load_models(models, o.device, o.weights_dir, *needed)
     man = _open_workspace(o, ws, videos, folder)
     for d in (ws.faces, ws.state):  # intermediate/ folders appear with their first file
         d.mkdir(parents=True, exist_ok=True)
