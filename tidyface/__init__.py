@@ -28,7 +28,7 @@ _LAZY = {
     "ModelCache": "cache", "TidyfaceError": "errors",
     "Detector": "models.base", "Landmarker": "models.base", "Encoder": "models.base", "Parser": "models.base",
     "Enhancer": "models.base",
-    "detect": "tasks.detect",
+    "detect": "tasks.detect", "landmarks": "tasks.detect",
     "embed": "tasks.embed",
     "group": "tasks.group:run_group",
     "Cropper": "tasks.crop", "crop": "tasks.crop", "uncrop": "tasks.crop", "paste_back": "tasks.crop",

@@ -63,8 +63,13 @@ def _load_for_inference(name: str, device, weights_dir):
     from .weights import load_model
 
     model = fuse_conv_bn(load_model(name, device=device, weights_dir=weights_dir))
-    # oneDNN's depthwise and small convolutions are faster on channels-last weights (CPU)
-    return model.to(memory_format=torch.channels_last) if model_device(model).type == "cpu" else model
+    if model_device(model).type == "cpu":
+        # oneDNN's depthwise and small convolutions are faster on channels-last weights; only
+        # 4-D tensors are converted (models may hold tables of other ranks, e.g. dlib's trees)
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.dim() == 4:
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+    return model
 
 
 _DEFAULT = ModelCache()

@@ -154,6 +154,8 @@ PATHS = "images, folders of images (searched recursively) or .txt lists of paths
 COMMANDS = {
     "detect": command(opt.DetectOptions, _detect, "Detect faces; prints one JSON object per image on stdout.",
                       "paths", PATHS),
+    "landmarks": command(opt.LandmarksOptions, _detect, "Detect faces and their landmarks (e.g. dlib's 68 "
+                         "points); prints one JSON object per image on stdout.", "paths", PATHS),
     "crop": command(opt.CropOptions, _crop, "Align and crop faces; writes the crops (mirroring the input "
                     "tree) and OUT/crops.json.", "paths", PATHS),
     "embed": command(opt.EmbedOptions, _embed, "Detect, align and embed every face; writes one row per "

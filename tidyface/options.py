@@ -159,8 +159,9 @@ class Common(Options):
 
 
 @dataclass
-class DetectOptions(Common):
-    model: str = flag("retinaface_mnet025", DETECTOR, model="detect")
+class DetectionFlags(Options):
+    """What detect and landmarks share: the detector's threshold, batches, drawings, size."""
+
     min_score: float | None = flag(None, "drop faces scoring below this (default: the detector's own).",
                                    range=SCORE)
     batch_size: int = flag(8, "images per forward pass (same-size images are batched together).",
@@ -170,6 +171,32 @@ class DetectOptions(Common):
     max_size: int | None = flag(None, "the longer side the detector sees (default: the detector's, "
                                       "RetinaFace 1280; 0 means full resolution); boxes are in input pixels.",
                                 range=AT_LEAST_0)
+
+
+@dataclass
+class DetectOptions(DetectionFlags, Common):
+    model: str = flag("retinaface_mnet025", DETECTOR, model="detect")
+
+    @property
+    def detector(self) -> str:
+        return self.model
+
+    landmarker = None
+
+
+@dataclass
+class LandmarksOptions(DetectionFlags, Common):
+    model: str = flag("dlib68", "landmark model (`tidyface models --task landmarks`): K points per face.",
+                      model="landmarks")
+    det_model: str = flag("retinaface_mnet025", DETECTOR, model="detect")
+
+    @property
+    def detector(self) -> str:
+        return self.det_model
+
+    @property
+    def landmarker(self) -> str:
+        return self.model
 
 
 # The share of a crop's pixels a class must cover to count as present (attribute groups) or a
@@ -212,6 +239,9 @@ class CropOptions(PartGroupFlags, Common):
     out: str | None = flag(None, "output folder (required).")
     landmarks: str | None = flag(None, "a .json/.csv/.txt file of landmarks (5, 68, 98 or 106 points) "
                                        "instead of detection.")
+    landmarks_model: str | None = flag(None, "add each detected face's points with this model (`tidyface models "
+                                             "--task landmarks`, e.g. dlib68): align mode aligns on them, bbox "
+                                             "mode crops the square around them.", model="landmarks")
     output_size: str = flag("256", "N or W,H in pixels.", numbers=2)
     face_factor: float | None = flag(None, "share of the output's shorter side taken by the face, in "
                                            "(0, 1) (default: the template's own; docs/face_factor.md).")
@@ -233,6 +263,8 @@ class CropOptions(PartGroupFlags, Common):
     def check(self):
         if not self.out:
             raise UsageError("give --out DIR")
+        if self.landmarks and self.landmarks_model:
+            raise UsageError("--landmarks gives the points; --landmarks-model finds them: use one")
         self.ext = self.ext.lower().lstrip(".")
         if self.ext not in ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"):
             raise UsageError(f"--ext must be jpg, png, webp, bmp or tif, got {self.ext!r}")

@@ -229,7 +229,8 @@ class Cropper:
                  strategy: str = "all", det_model: str = DEFAULT_DETECTOR,
                  det_threshold: float | None = None, device=None, batch_size: int = 8,
                  weights_dir=None, post: Sequence[PostStep] = (), models: ModelCache | None = None,
-                 parser: str = DEFAULT_PARSER, routing: Routing | None = None):
+                 parser: str = DEFAULT_PARSER, routing: Routing | None = None,
+                 landmarks_model: str | None = None):
         self.size = parse_size(output_size)
         if crop_mode not in CROP_MODES:
             raise CropError(f"crop mode must be one of {', '.join(CROP_MODES)}, got {crop_mode!r}")
@@ -269,6 +270,7 @@ class Cropper:
         self.post = list(post)
         self.models = models
         self.parser, self.routing = parser, routing or Routing()
+        self.landmarks_model = landmarks_model
 
     # -- geometry of one batch
     def geometry(self, from_landmarks: Tensor | bool = False) -> pl.Geometry:
@@ -284,10 +286,17 @@ class Cropper:
         return _Item(key, image, dets.select(idx), idx, from_landmarks)
 
     def detected(self, frames: Iterable[tuple[object, np.ndarray]]) -> Iterator[_Item]:
+        """Faces from the detector, with the landmarker's points when there is one; bbox mode
+        then frames each face by its points' box, as it does for points from a file."""
         (detector,) = load_models(self.models, self.device, self.weights_dir, self.det_model)
+        landmarker = None
+        if self.landmarks_model:
+            (landmarker,) = load_models(self.models, self.device, self.weights_dir, self.landmarks_model)
+        from_points = landmarker is not None and self.crop_mode == "bbox"
         for key, image, dets in pl.detect_stream(frames, detector, min_score=self.det_threshold,
                                                  batch_size=self.batch_size):
-            yield self._item(key, image, dets, False)
+            dets = pl.add_landmarks(landmarker, pl.as_chw(image), dets)
+            yield self._item(key, image, pl.points_box(dets) if from_points and len(dets) else dets, from_points)
 
     def given(self, frames: Iterable[tuple[object, np.ndarray]],
               landmarks: Mapping[object, Sequence[np.ndarray]]) -> Iterator[_Item]:
@@ -762,7 +771,7 @@ def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None 
                       bbox_scale=o.bbox_scale, strategy=o.strategy, det_model=o.det_model,
                       det_threshold=o.det_threshold, device=o.device, batch_size=o.batch_size,
                       weights_dir=o.weights_dir, post=post, models=models,
-                      parser=o.parse_model, routing=o.routing())
+                      parser=o.parse_model, routing=o.routing(), landmarks_model=o.landmarks_model)
     with OutputFolder(out, "crop", inputs) as folder:
         files, root = plan_inputs(inputs, exclude=out)
         if not files:
@@ -773,7 +782,7 @@ def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None 
             match = match_inputs(table, files, root)
             _check_given_faces(cropper, match.faces, table.path)
         else:  # the detector's weights before the output folder is touched
-            load_models(models, o.device, o.weights_dir, o.det_model)
+            load_models(models, o.device, o.weights_dir, o.det_model, *filter(None, [o.landmarks_model]))
         if cropper.routing.active:
             load_models(models, o.device, o.weights_dir, o.parse_model)
         folder.claim(False, resume=True)  # refuses another command's folder, before anything goes

@@ -13,11 +13,11 @@ import numpy as np
 from ..cache import ModelCache
 from ..errors import UsageError
 from ..ops.image import expand_paths, write_image
-from ..options import DetectOptions
+from ..options import DetectOptions, LandmarksOptions
 from ..types import Detections
 from .common import load_models, progress, readable, warn
 from .outdir import OutputFolder
-from .pipeline import detect_stream
+from .pipeline import add_landmarks, as_chw, detect_stream
 
 DEFAULT_DETECTOR = "retinaface_mnet025"
 
@@ -47,6 +47,20 @@ def detect(images: Sequence[np.ndarray | str | os.PathLike] | np.ndarray | str |
     return Detections.cat(parts)
 
 
+def landmarks(images, model: str = "dlib68", det_model: str = DEFAULT_DETECTOR, min_score: float | None = None,
+              device=None, batch_size: int = 8, weights_dir=None, models: ModelCache | None = None) -> Detections:
+    """Detect faces and add each face's K points with the landmark `model`; images as for
+    detect(); Detections.landmarks (N,K,2) in the images' pixels."""
+    from ..ops.image import as_rgb_uint8, image_list
+
+    images, single = image_list(images)
+    frames = ((i, as_rgb_uint8(im, "image" if single else f"images[{i}]")) for i, im in enumerate(images))
+    detector, landmarker = load_models(models, device, weights_dir, det_model, model)
+    parts = [add_landmarks(landmarker, as_chw(im), d).shift_images(i) for i, im, d in
+             detect_stream(frames, detector, min_score=min_score, batch_size=batch_size)]
+    return Detections.cat(parts)
+
+
 def draw(image: np.ndarray, det: Detections) -> np.ndarray:
     """A copy of the image with boxes, scores and landmarks drawn (landmark colours follow the
     order left eye, right eye, nose, left mouth, right mouth)."""
@@ -61,13 +75,16 @@ def draw(image: np.ndarray, det: Detections) -> np.ndarray:
         cv2.rectangle(out, (x1, y1), (x2, y2), (0, 255, 0), thick)
         cv2.putText(out, f"{score:.2f}", (x1, max(0, y1 - 3 * thick)), cv2.FONT_HERSHEY_SIMPLEX,
                     0.4 * thick, (0, 255, 0), thick)
-        for (x, y), c in zip(lms[k] if lms else [], colours):
-            cv2.circle(out, (int(round(x)), int(round(y))), thick + 1, c, -1)
+        points = lms[k] if lms else []
+        for (x, y), c in zip(points, colours if len(points) == 5 else [(255, 255, 255)] * len(points)):
+            if x == x:  # NaN: no point
+                cv2.circle(out, (int(round(x)), int(round(y))), thick + (1 if len(points) == 5 else 0), c, -1)
     return out
 
 
-def run_detect(paths: Sequence[str], o: DetectOptions, models: ModelCache | None = None) -> int:
-    """The `tidyface detect` command: JSON Lines on stdout; returns the exit code (1: some
+def run_detect(paths: Sequence[str], o: DetectOptions | LandmarksOptions, models: ModelCache | None = None) -> int:
+    """The `tidyface detect` and `tidyface landmarks` commands: JSON Lines on stdout, with each
+    face's K points from the landmark model when there is one; returns the exit code (1: some
     images unreadable, or none found)."""
     if not paths:
         raise UsageError("give at least one image, folder or .txt list")
@@ -79,7 +96,8 @@ def run_detect(paths: Sequence[str], o: DetectOptions, models: ModelCache | None
         warn("no images found in " + ", ".join(map(str, paths)))
         return 1
     root = Path(os.path.commonpath([str(p.resolve().parent) for p in files]))
-    (detector,) = load_models(models, o.device, o.weights_dir, o.model)
+    (detector,) = load_models(models, o.device, o.weights_dir, o.detector)
+    landmarker = load_models(models, o.device, o.weights_dir, o.landmarker)[0] if o.landmarker else None
     if folder is not None:
         folder.claim(False, resume=True)  # its own earlier drawings are redrawn; nobody else's
     failed: list[Path] = []
@@ -87,6 +105,7 @@ def run_detect(paths: Sequence[str], o: DetectOptions, models: ModelCache | None
     with folder or contextlib.nullcontext(), progress(len(files), "img", "detect") as bar:
         for path, image, dets in detect_stream(readable(files, failed), detector, min_score=o.min_score,
                                                max_size=o.max_size, batch_size=o.batch_size):
+            dets = add_landmarks(landmarker, as_chw(image), dets)
             h, w = image.shape[:2]
             rec = {"image": str(path), "width": w, "height": h, "faces": dets.to_records(1)[0]}
             sys.stdout.write(json.dumps(rec) + "\n")

@@ -57,6 +57,22 @@ def detect_stream(frames: Iterable[tuple[object, np.ndarray]], detector, *,
         yield from flush()
 
 
+def add_landmarks(landmarker, image: Tensor, dets: Detections) -> Detections:
+    """The landmarks step: one image's (3,H,W) faces with the landmarker's K points each (in
+    place of the detector's), boxes and scores kept; on the CPU like detect_stream's."""
+    if landmarker is None:
+        return dets
+    dev = model_device(landmarker)
+    return landmarker.landmarks(image.to(dev)[None], dets.to(dev)).to("cpu")
+
+
+def points_box(dets: Detections) -> Detections:
+    """The faces with their boxes replaced by the bounding boxes of their points (DECA's bbox
+    crop starts from the landmarks' box, not the detector's)."""
+    lm = dets.landmarks.to(dets.boxes.dtype)
+    return replace(dets, boxes=torch.cat([lm.amin(1), lm.amax(1)], 1))
+
+
 # ----------------------------------------------------------------------------- crop geometry
 
 def box_face_matrices(boxes: Tensor, face_square: Tensor) -> Tensor:
