@@ -65,9 +65,15 @@ def _scrfd_10g_onnx(path):
 
 # Upstream files that ../shared does not carry, written in their upstream layout by the
 # reference implementation (random weights), so their converters are tested all the same.
+def _insightface_2d106det_onnx(path):
+    from landmark_standins import coordreg_onnx
+
+    coordreg_onnx(path)  # 2d106det's public layout (no reference package writes it)
+
+
 STAND_INS = {"facenet_vggface2": _facenet_pytorch_checkpoint, "facenet_casia": _facenet_pytorch_checkpoint,
              "retinaface_r50": _retinaface_r50_checkpoint, "bisenet_celebamask": _bisenet_checkpoint,
-             "scrfd_10g": _scrfd_10g_onnx}
+             "scrfd_10g": _scrfd_10g_onnx, "insightface_2d106det": _insightface_2d106det_onnx}
 STAND_INS.update(esrgan_standins.STAND_INS)  # the Real-ESRGAN and BSRGAN .pth releases
 
 

@@ -23,6 +23,7 @@ _BUILTIN_MODULES = (
     "tidyface.models.centerface",
     "tidyface.models.esrgan",
     "tidyface.models.dlib_shape",
+    "tidyface.models.landmarks",
 )
 ENTRY_POINT_GROUP = "tidyface.models"
 
