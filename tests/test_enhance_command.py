@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from conftest import MEDIA, WEIGHTS, need
 from tidyface.errors import UsageError
 from tidyface.ops.image import read_image
-from tidyface.tasks.enhance import enhance, enhance_faces, resize, scale_matrix
+from tidyface.ops.align import scale_matrix
+from tidyface.tasks.enhance import enhance, enhance_faces, resize
 
 
 def _small(name="deepface_pairs/img1.jpg", side=240) -> np.ndarray:
@@ -120,3 +121,27 @@ def test_command_mirrors_the_tree_and_keeps_going(tmp_path):
 def test_bad_flags_are_refused(flags, words):
     with pytest.raises(UsageError, match=words):
         enhance(np.zeros((8, 8, 3), np.uint8), model="realesr_animevideov3_x4_ncnn", **flags)
+
+
+def test_crop_enh_threshold_enhances_small_faces_only(tmp_path):
+    """crop --enh-threshold: an image whose faces are a smaller share than T is enhanced whole
+    before cropping; the crops' matrices and points stay in the source image's pixels (the same
+    as without enhancement), the pixels come from the enhanced copy."""
+    from tidyface.tasks.crop import Cropper
+
+    need(WEIGHTS / "realesrgan_ncnn/realesr-animevideov3-x4.bin")
+    need(WEIGHTS / "mobilenet0.25_Final.pth")
+    image = _small(side=160)
+    plain = Cropper(112).crop(image)
+    share = float(((plain.detections.boxes[:, 2:] - plain.detections.boxes[:, :2]).prod(1)).mean()) / (
+        image.shape[0] * image.shape[1])
+    kept = Cropper(112, enh_threshold=share * 0.9, enh_model="realesr_animevideov3_x4_ncnn").crop(image)
+    assert torch.equal(kept.crops, plain.crops)  # faces large enough: not enhanced
+    big = Cropper(112, enh_threshold=share * 1.1, enh_model="realesr_animevideov3_x4_ncnn").crop(image)
+    assert torch.allclose(big.crop_mat, plain.crop_mat, atol=1e-6)
+    assert torch.allclose(big.detections.landmarks.double(), plain.detections.landmarks.double(), atol=1e-3)
+    d = (big.crops - plain.crops).abs()
+    print(f"\nenhanced vs plain crop: mean |diff| {d.mean():.1f} grey levels")
+    assert 1 < d.mean() < 30  # other pixels (sharper), the same face in the same place
+    with pytest.raises(Exception, match="enh-threshold"):
+        Cropper(112, enh_threshold=1.5)

@@ -239,6 +239,11 @@ class CropOptions(PartGroupFlags, Common):
     out: str | None = flag(None, "output folder (required).")
     landmarks: str | None = flag(None, "a .json/.csv/.txt file of landmarks (5, 68, 98 or 106 points) "
                                        "instead of detection.")
+    enh_threshold: float | None = flag(None, "enhance an image whose faces take on average less than this share "
+                                             "of its area before cropping (face-crop-plus's enh_threshold, "
+                                             "e.g. 0.001; default off).", range=(0.0, 1.0))
+    enh_model: str = flag("realesrgan_x4plus_ncnn", "--enh-threshold: the super-resolution model "
+                                                    "(`tidyface models --task enhance`).", model="enhance")
     landmarks_model: str | None = flag(None, "add each detected face's points with this model (`tidyface models "
                                              "--task landmarks`, e.g. dlib68): align mode aligns on them, bbox "
                                              "mode crops the square around them.", model="landmarks")

@@ -176,6 +176,11 @@ def invert(mats: Tensor) -> Tensor:
     return torch.linalg.inv(mats.to(torch.float64)).to(mats.dtype)
 
 
+def scale_matrix(k: float) -> Tensor:
+    """Pixel coordinates of an image -> the same image resized k times (pixel centres)."""
+    return torch.tensor([[k, 0, (k - 1) / 2], [0, k, (k - 1) / 2], [0, 0, 1]], dtype=torch.float64)
+
+
 def transform_points(points: Tensor, mats: Tensor) -> Tensor:
     """Apply (N,3,3) transforms to (N,K,2) points (homogeneous divide, so projective works too)."""
     m = mats.to(torch.float64)

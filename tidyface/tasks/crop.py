@@ -45,6 +45,7 @@ MAX_BATCH_PIXELS = 32_000_000
 
 PostStep = Callable[[Faces], Faces]
 DEFAULT_PARSER = "bisenet_celebamask"
+DEFAULT_ENHANCER = "realesrgan_x4plus_ncnn"  # real weights here; BSRGAN (face-crop-plus's) has the same RRDBNet
 
 
 class CropError(UsageError):
@@ -186,6 +187,25 @@ def select_faces(dets: Detections, strategy: str) -> Tensor:
 
 # ----------------------------------------------------------------------------- the cropper
 
+def _to_source_pixels(faces: Faces, scales: Sequence[float]) -> Faces:
+    """Faces cut from enhanced copies (scale s per image) with their matrices and detections
+    back in the source images' pixels, so crops.json, uncrop and paste_back see the source."""
+    if all(s == 1 for s in scales):
+        return faces
+    from ..ops.align import scale_matrix, transform_points
+
+    per_face = torch.tensor(scales, dtype=torch.float64)[faces.image_index.cpu()]
+    to_big = torch.stack([scale_matrix(float(s)) for s in per_face.tolist()]).to(faces.crop_mat.device)
+    back = torch.linalg.inv(to_big)
+    d = faces.detections
+    boxes = transform_points(d.boxes.to(torch.float64).reshape(-1, 2, 2), back.to(d.boxes.device)).reshape(-1, 4)
+    lm = None if d.landmarks is None else transform_points(d.landmarks.to(torch.float64), back.to(d.boxes.device))
+    dets = Detections(boxes.to(d.boxes.dtype), d.scores, None if lm is None else lm.to(d.landmarks.dtype),
+                      d.image_index)
+    return replace(faces, crop_mat=faces.crop_mat @ to_big.to(faces.crop_mat.dtype), detections=dets)
+
+
+
 @dataclass
 class CropBatch:
     """Crops of a batch of images. faces.image_index indexes `keys`; face_index (N,) is each
@@ -204,6 +224,8 @@ class _Item:
     dets: Detections  # the selected faces, image_index 0
     face_index: Tensor
     from_landmarks: bool
+    size: tuple[int, int] = (0, 0)  # (w, h) of the source image (image may be its enhanced copy)
+    scale: float = 1.0  # image's pixels per source pixel (enh_threshold)
 
 
 class Cropper:
@@ -230,7 +252,8 @@ class Cropper:
                  det_threshold: float | None = None, device=None, batch_size: int = 8,
                  weights_dir=None, post: Sequence[PostStep] = (), models: ModelCache | None = None,
                  parser: str = DEFAULT_PARSER, routing: Routing | None = None,
-                 landmarks_model: str | None = None):
+                 landmarks_model: str | None = None, enh_threshold: float | None = None,
+                 enh_model: str = DEFAULT_ENHANCER, enh_tile: int = 256):
         self.size = parse_size(output_size)
         if crop_mode not in CROP_MODES:
             raise CropError(f"crop mode must be one of {', '.join(CROP_MODES)}, got {crop_mode!r}")
@@ -271,6 +294,9 @@ class Cropper:
         self.models = models
         self.parser, self.routing = parser, routing or Routing()
         self.landmarks_model = landmarks_model
+        if enh_threshold is not None and not 0 < float(enh_threshold) < 1:
+            raise CropError(f"--enh-threshold is a share of the image's area in (0, 1), got {enh_threshold}")
+        self.enh_threshold, self.enh_model, self.enh_tile = enh_threshold, enh_model, int(enh_tile)
 
     # -- geometry of one batch
     def geometry(self, from_landmarks: Tensor | bool = False) -> pl.Geometry:
@@ -283,7 +309,31 @@ class Cropper:
     # -- face sources
     def _item(self, key, image, dets: Detections, from_landmarks: bool) -> _Item:
         idx = select_faces(dets, self.strategy)
-        return _Item(key, image, dets.select(idx), idx, from_landmarks)
+        item = _Item(key, image, dets.select(idx), idx, from_landmarks, (image.shape[1], image.shape[0]))
+        return self._enhanced(item) if self.enh_threshold is not None else item
+
+    def _enhanced(self, item: _Item) -> _Item:
+        """face-crop-plus's enh_threshold: an image whose faces take on average less than that
+        share of its area is enhanced whole (tiled) before cropping; its faces move with it."""
+        from ..ops.align import scale_matrix, transform_points
+        from .enhance import enhance_whole
+
+        b = item.dets.boxes.to(torch.float64)
+        if not len(b):
+            return item
+        share = float(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).mean()) / (item.size[0] * item.size[1])
+        if share >= self.enh_threshold:
+            return item
+        (model,) = load_models(self.models, self.device, self.weights_dir, self.enh_model)
+        s = float(model.spec.meta.scale)
+        m = scale_matrix(s)[None]
+        d = item.dets
+        boxes = transform_points(d.boxes.to(torch.float64).reshape(-1, 2, 2), m.expand(len(d), 3, 3))
+        lm = None if d.landmarks is None else transform_points(d.landmarks.to(torch.float64), m.expand(len(d), 3, 3))
+        moved = Detections(boxes.reshape(-1, 4).to(d.boxes.dtype), d.scores,
+                           None if lm is None else lm.to(d.landmarks.dtype), d.image_index)
+        image = enhance_whole(model, item.image, self.enh_tile)
+        return replace(item, image=image, dets=moved, scale=s)
 
     def detected(self, frames: Iterable[tuple[object, np.ndarray]]) -> Iterator[_Item]:
         """Faces from the detector, with the landmarker's points when there is one; bbox mode
@@ -329,6 +379,7 @@ class Cropper:
             if self.routing.active:
                 (parser,) = load_models(self.models, self.device, self.weights_dir, self.parser)
                 faces = pl.parse_into(parser, images, faces)
+            faces = _to_source_pixels(faces, [items[i].scale for i in with_faces])
             faces.detections.image_index = torch.tensor(with_faces, device=self.device)[faces.image_index]
         face_index = torch.cat([it.face_index for it in items]) if items else torch.zeros(0, dtype=torch.long)
         for step in self.post:
@@ -337,8 +388,7 @@ class Cropper:
                 raise TypeError(f"post step {getattr(step, '__name__', step)!r} must return Faces "
                                 f"with the same {len(faces)} faces in the same order")
             faces = out
-        return CropBatch([it.key for it in items],
-                         [(it.image.shape[1], it.image.shape[0]) for it in items], faces, face_index)
+        return CropBatch([it.key for it in items], [it.size for it in items], faces, face_index)
 
     # -- in-memory API
     def crop(self, images, landmarks: Sequence[Sequence[np.ndarray]] | None = None,
@@ -771,7 +821,8 @@ def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None 
                       bbox_scale=o.bbox_scale, strategy=o.strategy, det_model=o.det_model,
                       det_threshold=o.det_threshold, device=o.device, batch_size=o.batch_size,
                       weights_dir=o.weights_dir, post=post, models=models,
-                      parser=o.parse_model, routing=o.routing(), landmarks_model=o.landmarks_model)
+                      parser=o.parse_model, routing=o.routing(), landmarks_model=o.landmarks_model,
+                      enh_threshold=o.enh_threshold, enh_model=o.enh_model)
     with OutputFolder(out, "crop", inputs) as folder:
         files, root = plan_inputs(inputs, exclude=out)
         if not files:
@@ -785,6 +836,8 @@ def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None 
             load_models(models, o.device, o.weights_dir, o.det_model, *filter(None, [o.landmarks_model]))
         if cropper.routing.active:
             load_models(models, o.device, o.weights_dir, o.parse_model)
+        if o.enh_threshold is not None:
+            load_models(models, o.device, o.weights_dir, o.enh_model)
         folder.claim(False, resume=True)  # refuses another command's folder, before anything goes
         _prepare_output(out, o.overwrite)  # crops.json names this command's files: exactly those go
         folder.record([MANIFEST, JOURNAL, *REPORT_FILES])

@@ -14,12 +14,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from ..cache import ModelCache, resolve_device
 from ..errors import UsageError
 from ..models.base import model_device
-from ..ops.align import template_for
+from ..ops.align import scale_matrix, template_for
 from ..ops.image import as_rgb_uint8, image_list, write_image
 from ..ops.tiles import enhance_tiled
 from ..options import EnhanceOptions
@@ -29,11 +28,6 @@ from .common import load_models, progress, readable
 from .outdir import OutputFolder
 
 FACE_CROP = 512  # output side of a face enhanced by a model with no input size of its own
-
-
-def scale_matrix(k: float) -> Tensor:
-    """Pixel coordinates of an image -> the same image resized k times (pixel centres)."""
-    return torch.tensor([[k, 0, (k - 1) / 2], [0, k, (k - 1) / 2], [0, 0, 1]], dtype=torch.float64)
 
 
 def resize(image: np.ndarray, scale: float) -> np.ndarray:
