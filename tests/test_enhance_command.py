@@ -145,3 +145,37 @@ def test_crop_enh_threshold_enhances_small_faces_only(tmp_path):
     assert 1 < d.mean() < 30  # other pixels (sharper), the same face in the same place
     with pytest.raises(Exception, match="enh-threshold"):
         Cropper(112, enh_threshold=1.5)
+
+
+def test_video2faces_enhance_below(tmp_path):
+    """video2faces --enhance-below: small faces are saved enhanced (x4 pictures) with matrices
+    from the full frame that put them back where they were; large faces stay plain slices."""
+    import cv2
+
+    from test_attributes import _photo_video
+    from tidyface.tasks.crop import uncrop
+    from tidyface.tasks.video2faces import video_to_faces
+    from tidyface.types import FaceTable
+
+    need(WEIGHTS / "realesrgan_ncnn/realesr-animevideov3-x4.bin")
+    need(WEIGHTS / "mobilenet0.25_Final.pth")
+    video = _photo_video(tmp_path / "v.mp4", ["deepface_pairs/couple.jpg"], size=(320, 240), seconds=1)
+    out = tmp_path / "out"
+    video_to_faces(str(video), out_dir=str(out), mode="detection", det_min_size=20, det_size=0,
+                   enhance_below=84, enh_model="realesr_animevideov3_x4_ncnn")
+    table = FaceTable.load(out / ".tidyface/video_01.npz")
+    frame = cv2.VideoCapture(str(video)).read()[1][..., ::-1]
+    assert len(table) == 2
+    for k in range(len(table)):
+        picture = read_image(out / "faces" / str(table.name[k]))
+        w = table.boxes[k, 2] - table.boxes[k, 0]
+        back, inside = uncrop(picture, table.crop_mat[k], (frame.shape[1], frame.shape[0]))
+        err = np.abs(back[inside].astype(int) - frame[inside].astype(int)).mean()
+        shifted = np.roll(frame, 3, axis=1)
+        control = np.abs(back[inside].astype(int) - shifted[inside].astype(int)).mean()
+        print(f"\nface {w:.0f} px: picture {picture.shape[:2]}, back in the frame: mean |diff| {err:.1f} "
+              f"(3 px off: {control:.1f})")
+        assert err < control * 0.7
+        if w < 84:
+            assert picture.shape[0] >= 4 * 1.5 * w * 0.9  # enhanced x4
+    assert (table.boxes[:, 2] - table.boxes[:, 0] < 84).any()

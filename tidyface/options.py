@@ -517,6 +517,10 @@ class Video2FacesOptions(PartGroupFlags, GroupingFlags, Common):
                                 range=AT_LEAST_0)
     hash_thr: int = flag(8, "dedup pass 1: average-hash difference in bits (0 means identical only; -1 off).",
                          range=(0, 64), off=-1)
+    enhance_below: int = flag(0, "faces whose box is smaller than this (pixels) are enhanced before they are "
+                                 "saved and embedded (0: off).", range=AT_LEAST_0)
+    enh_model: str = flag("realesr_animevideov3_x4_ncnn", "--enhance-below: the super-resolution model "
+                                                          "(`tidyface models --task enhance`).", model="enhance")
     enc_model: str | None = flag(None, "encoder (default for live: mobilefacenet).", model="embed")
     enc_batch_size: int = flag(16, "faces per encoder pass.", range=AT_LEAST_1)
     enc_area: str | None = flag(None, "X1,Y1,X2,Y2 fractions of the face box to embed unaligned (default: "
@@ -586,7 +590,8 @@ class Video2FacesOptions(PartGroupFlags, GroupingFlags, Common):
     # what a run's detection results depend on: resuming with other values is refused
     DETECTION_KEYS: typing.ClassVar[tuple] = (
         "style", "video_step", "video_fragment", "video_area", "det_model", "det_min_score", "det_min_size",
-        "det_min_border", "det_scale", "det_square", "det_size", "enc_model", "enc_area", "out_prefix")
+        "det_min_border", "det_scale", "det_square", "det_size", "enc_model", "enc_area", "out_prefix",
+        "enhance_below", "enh_model")
 
     def detection_signature(self) -> dict:
         return {k: (list(v) if isinstance(v := getattr(self, k), tuple) else v) for k in self.DETECTION_KEYS}

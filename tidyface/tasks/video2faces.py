@@ -243,15 +243,21 @@ class FrameSource:
 @dataclass
 class FrameFaces:
     """What the steps found in one batch of frames: the kept faces (aligned encoder crops,
-    hashes, quality; image_index into the batch), and every detection with its reject reasons."""
+    hashes, quality; image_index into the batch), and every detection with its reject reasons.
+    enhanced: rows of faces whose pictures were enhanced (--enhance-below), with those pictures
+    (N,3,P,P) uint8 and their frame -> picture matrices (in the batch's area pixels)."""
 
     faces: Faces
     detections: Detections
     reasons: torch.Tensor  # (N,3) bool per detection
+    enhanced: torch.Tensor | None = None
+    pictures: torch.Tensor | None = None
+    picture_mat: torch.Tensor | None = None
 
 
-def find_faces(batch: list[SourceFrame], detector, geometry, o: Video2FacesOptions) -> FrameFaces:
-    """detect -> reject -> align -> describe over one batch of same-size frames."""
+def find_faces(batch: list[SourceFrame], detector, geometry, o: Video2FacesOptions, enhancer=None) -> FrameFaces:
+    """detect -> reject -> align -> (enhance small faces) -> describe over one batch of
+    same-size frames."""
     dev = model_device(detector)
     floor = min(o.det_min_score, 0.3)  # near misses go to the rejects and frames logs
     dets = detector.detect_prepared([f.prepared for f in batch], min_score=floor)
@@ -260,9 +266,47 @@ def find_faces(batch: list[SourceFrame], detector, geometry, o: Video2FacesOptio
     kept = dets.select(~reasons.any(1))
     frames = [f.pixels.to(dev) for f in batch]
     faces = pl.align(frames, kept, geometry)
-    # every face is embedded from the 8-bit pixels that deferred faces are stored as
-    faces = pl.describe(replace(faces, crops=pl.to_uint8(faces.crops)))
-    return FrameFaces(faces, dets.to("cpu"), reasons.cpu())
+    # every face is embedded from the 8-bit pixels that deferred faces are stored as (below)
+    found = FrameFaces(faces, dets.to("cpu"), reasons.cpu())
+    if enhancer is not None:
+        found = enhance_small(found, frames, enhancer, geometry, o)
+    found.faces = pl.describe(replace(found.faces, crops=pl.to_uint8(found.faces.crops)))
+    return found
+
+
+def enhance_small(found: FrameFaces, frames: list[torch.Tensor], enhancer, geometry, o) -> FrameFaces:
+    """--enhance-below: the faces whose box is smaller than that get their saved picture (the
+    slice that would be saved, warped to one side P for the batch) enhanced by the model in one
+    batch, and their encoder crops cut again from those pictures, so what is saved is what is
+    embedded. Matrices compose: frame -> P square -> enhanced picture -> encoder crop."""
+    from ..ops.align import invert, scale_matrix
+
+    faces = found.faces
+    b = faces.detections.boxes
+    small = torch.nonzero(torch.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) < o.enhance_below).flatten()
+    if not len(small):
+        return found
+    h, w = frames[0].shape[1:]
+    slices = pl.slice_boxes(b[small].cpu(), w, h, o.det_scale, o.det_square).double()
+    extent = (slices[:, 2:] - slices[:, :2]).amax(1)  # pixels across each slice's longer side
+    side = int(extent.max())
+    # each slice's pixels onto a side x side square, centre on centre (pixel centres)
+    k = side / extent
+    to_square = torch.zeros(len(small), 3, 3, dtype=torch.float64)
+    to_square[:, 0, 0], to_square[:, 1, 1], to_square[:, 2, 2] = k, k, 1
+    to_square[:, :2, 2] = (side - 1) / 2 - k[:, None] * (slices[:, :2] + slices[:, 2:] - 1) / 2
+    image_index = faces.image_index[small]
+    squares = pl.cut(frames, to_square.to(frames[0].device), image_index, (side, side))
+    pictures = torch.cat([enhancer.enhance(squares[i:i + 8]) for i in range(0, len(squares), 8)])
+    pictures = pictures.round().clamp(0, 255).to(torch.uint8)
+    to_picture = scale_matrix(pictures.shape[-1] / side).to(to_square) @ to_square
+    crop_in_picture = faces.crop_mat[small].to(torch.float64) @ invert(to_picture).to(faces.crop_mat.device)
+    crops = pl.cut(list(pictures), crop_in_picture.to(pictures.device), torch.arange(len(small)),
+                   geometry.size)
+    new_crops = faces.crops.clone()
+    new_crops[small.to(new_crops.device)] = crops.to(new_crops)
+    return replace(found, faces=replace(faces, crops=new_crops), enhanced=small.cpu(), pictures=pictures.cpu(),
+                   picture_mat=to_picture.cpu())
 
 
 class Embedder:
@@ -363,13 +407,19 @@ class FaceSink:
         face_index = _rank_within(image_index)
         offsets = torch.tensor([batch[i].frame.offset for i in image_index.tolist()], dtype=torch.float64)
         names, offsets = [], offsets.reshape(-1, 2)
+        crop_mat = pl.slice_matrices(slices + offsets.repeat(1, 2).long())
+        enhanced = {} if found.enhanced is None else {int(r): n for n, r in enumerate(found.enhanced.tolist())}
         for k, (i, j) in enumerate(zip(image_index.tolist(), face_index.tolist())):
             f = batch[i].frame
             names.append(f"{self.prefix}{f.index:06d}_{j}.jpg")
+            if k in enhanced:  # the enhanced picture, and its matrix from the full frame
+                n = enhanced[k]
+                self._write(self.ws.faces / names[-1], found.pictures[n].permute(1, 2, 0).numpy())
+                crop_mat[k] = found.picture_mat[n] @ pl.slice_matrices(-offsets[k:k + 1].long())[0]
+                continue
             x1, y1, x2, y2 = slices[k].tolist()
             self._write(self.ws.faces / names[-1], f.image[y1:y2, x1:x2])
         moved = _offset(faces.detections.to("cpu"), offsets)
-        crop_mat = pl.slice_matrices(slices + offsets.repeat(1, 2).long())
         table = FaceTable.from_faces(replace(faces, crop_mat=crop_mat, detections=moved).to("cpu"), name=names,
                                      source=[str(self.path)] * len(names), face_index=face_index.numpy(),
                                      frame=[batch[i].frame.index for i in image_index.tolist()],
@@ -420,7 +470,7 @@ def _offset(dets: Detections, offsets: torch.Tensor) -> Detections:
 # ----------------------------------------------------------------------------- detection stage
 
 def detect_video(path: Path, key: str, prefix: str, o: Video2FacesOptions, ws: Workspace, detector, encoder,
-                 writer: ThreadPoolExecutor) -> tuple[FaceTable, list[dict], VideoStats]:
+                 writer: ThreadPoolExecutor, enhancer=None) -> tuple[FaceTable, list[dict], VideoStats]:
     """source -> steps -> sink over one video -> (face table, reject log rows, stats)."""
     from tqdm import tqdm
 
@@ -439,7 +489,7 @@ def detect_video(path: Path, key: str, prefix: str, o: Video2FacesOptions, ws: W
     try:
         with torch_threads(model_threads):  # while the decoder runs beside the models
             for batch in source.batches():
-                found = find_faces(batch, detector, geometry, o)
+                found = find_faces(batch, detector, geometry, o, enhancer)
                 sink.add(batch, found, embedder.add(found.faces))
                 bar.update(len(batch))
                 bar.set_postfix(faces=sink.stats.faces)
@@ -651,9 +701,10 @@ def _detect_one(k: int, path: Path, multi: bool, o, ws: Workspace, man: dict, mo
                  f"(--overwrite redoes the run with them)")
         return [{**r, "file_name": r["file_name"] if saved.get("rejects") else ""} for r in rec.get("rejects", [])]
     detector, encoder = load_models(models, o.device, o.weights_dir, o.det_model, o.enc_model)
+    enhancer = load_models(models, o.device, o.weights_dir, o.enh_model)[0] if o.enhance_below else None
     prefix = o.out_prefix + (f"{key}_" if multi else "")
     try:
-        table, rejects, st = detect_video(path, key, prefix, o, ws, detector, encoder, writer)
+        table, rejects, st = detect_video(path, key, prefix, o, ws, detector, encoder, writer, enhancer)
     except (TidyfaceError, OSError) as e:  # this video fails, the others go on; a bug stops the run
         msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         warn(f"{path}: {msg}" if str(path) not in msg else msg)
@@ -681,7 +732,8 @@ def _detect_one(k: int, path: Path, multi: bool, o, ws: Workspace, man: dict, mo
 def detection_stage(o: Video2FacesOptions, ws: Workspace, inp: Path, models, folder: OutputFolder) -> dict:
     videos = video_list(inp, o.input_ext)
     # weights before the first write: a run that cannot get them leaves no folder behind
-    needed = (o.det_model, o.enc_model) + ((o.parse_model,) if o.mode == "full" and o.routing().active else ())
+    needed = (o.det_model, o.enc_model) + ((o.enh_model,) if o.enhance_below else ()) \
+        + ((o.parse_model,) if o.mode == "full" and o.routing().active else ())
     load_models(models, o.device, o.weights_dir, *needed)
     man = _open_workspace(o, ws, videos, folder)
     for d in (ws.faces, ws.state):  # intermediate/ folders appear with their first file
