@@ -519,7 +519,7 @@ class Video2FacesOptions(PartGroupFlags, GroupingFlags, Common):
                          range=(0, 64), off=-1)
     enhance_below: int = flag(0, "faces whose box is smaller than this (pixels) are enhanced before they are "
                                  "saved and embedded (0: off).", range=AT_LEAST_0)
-    enh_model: str = flag("realesr_animevideov3_x4_ncnn", "--enhance-below: the super-resolution model "
+    enh_model: str = flag("realesrgan_x4plus_ncnn", "--enhance-below: the super-resolution model "
                                                           "(`tidyface models --task enhance`).", model="enhance")
     enc_model: str | None = flag(None, "encoder (default for live: mobilefacenet).", model="embed")
     enc_batch_size: int = flag(16, "faces per encoder pass.", range=AT_LEAST_1)
