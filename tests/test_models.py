@@ -88,7 +88,7 @@ def _pypi_file(name):
     return link
 
 
-STAND_INS.update({name: _pypi_file(name) for name in ("dlib68", "dlib5", "centerface")})
+STAND_INS.update({name: _pypi_file(name) for name in ("dlib68", "dlib5", "centerface", "dlib_resnet")})
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -137,10 +137,11 @@ def test_reader_and_converter_errors_name_the_file(tmp_path):
     tracker.take("420", "a test")
     with pytest.raises(OnnxError, match=f"{YUNET}: 111 initializers were not converted"):
         tracker.finish()
-    from tidyface.models.scrfd import convert_onnx
+    from tidyface.convert.onnx import onnx_converter
+    from tidyface.models.scrfd import builder, map_onnx
 
     with pytest.raises(OnnxError, match=YUNET):  # a graph of another layout is refused, by name
-        convert_onnx(WEIGHTS / YUNET, "500m")
+        onnx_converter(YUNET, builder("500m"), map_onnx)({YUNET: WEIGHTS / YUNET})
 
 
 # --- parity with the upstream pipelines --------------------------------------------------------

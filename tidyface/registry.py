@@ -24,6 +24,7 @@ _BUILTIN_MODULES = (
     "tidyface.models.esrgan",
     "tidyface.models.dlib_shape",
     "tidyface.models.landmarks",
+    "tidyface.models.dlib_resnet",
 )
 ENTRY_POINT_GROUP = "tidyface.models"
 

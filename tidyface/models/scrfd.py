@@ -17,14 +17,15 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..convert.onnx import GraphWalker, OnnxError, check_resizes, read_onnx, skip_shape_constants
+from ..convert.onnx import (GraphWalker, OnnxError, check_resizes, onnx_converter, read_onnx,
+                            skip_shape_constants)
 from ..ops.distance import distance_to_boxes, distance_to_points, grid_points
 from ..ops.image import as_rgb_batch
 from ..ops.nms import batched_nms, group_by_image
@@ -379,24 +380,19 @@ def map_onnx(path: str | Path, model: SCRFD) -> GraphWalker:
     return walk.finish()
 
 
-def convert_onnx(path: str | Path, variant: str) -> dict:
-    """An insightface SCRFD .onnx -> this module's state dict (every initializer accounted for)."""
-    with torch.device("meta"):
-        model = SCRFD(variant)
-    return map_onnx(path, model).state_dict()
-
-
-def _converter(filename: str, variant: str):
-    def convert(paths: Mapping[str, Path]) -> dict:
-        return convert_onnx(paths[filename], variant)
-    return convert
+def builder(variant: str):
+    """The SCRFD variant's constructor, named for conversion reports."""
+    def build() -> SCRFD:
+        return SCRFD(variant)
+    build.__name__ = f"scrfd_{variant}"
+    return build
 
 
 def _spec(variant: str, file: UpstreamFile, num_params: int, description: str) -> WeightSpec:
     return WeightSpec(
         name=f"scrfd_{variant.replace('.', 'p')}", task="detect", files=(file,),
         license="insightface: non-commercial research use only",
-        origin="deepinsight/insightface", converter=_converter(file.filename, variant),
+        origin="deepinsight/insightface", converter=onnx_converter(file.filename, builder(variant), map_onnx),
         meta=ModelMeta(colour="RGB", mean=(MEAN,) * 3, std=(STD,) * 3, num_landmarks=5,
                        landmark_markup=FIVE_POINTS, num_params=num_params),
         defaults=TaskDefaults(min_score=DEFAULT_MIN_SCORE, nms_iou=DEFAULT_NMS_IOU, max_size=INPUT_SIZE),

@@ -14,13 +14,14 @@ stride; points (col + px, row + py) * stride; NMS 0.3 on the boxes truncated to 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..convert.onnx import GraphWalker, OnnxError, check_resizes, read_onnx, skip_shape_constants
+from ..convert.onnx import (GraphWalker, OnnxError, check_resizes, onnx_converter, read_onnx,
+                            skip_shape_constants)
 from ..ops.distance import grid_points
 from ..ops.image import as_rgb_batch
 from ..ops.nms import batched_nms, group_by_image
@@ -228,17 +229,6 @@ def _merge(walk: GraphWalker, backbone: str, coarse: str) -> str:
     return add.outputs[0]
 
 
-def convert_onnx(path: str | Path) -> dict:
-    """face_detection_yunet_2023mar.onnx -> this module's state dict."""
-    with torch.device("meta"):
-        model = YuNet()
-    return map_onnx(path, model).state_dict()
-
-
-def _convert(paths: Mapping[str, Path]) -> dict:
-    return convert_onnx(paths[FILENAME])
-
-
 FILENAME = "face_detection_yunet_2023mar.onnx"
 _ZOO = "opencv/opencv_zoo/main/models/face_detection_yunet/" + FILENAME
 
@@ -252,7 +242,7 @@ register(
                                   + FILENAME)),),
         license="MIT",
         origin="opencv/opencv_zoo (ShiqiYu/libfacedetection.train)",
-        converter=_convert,
+        converter=onnx_converter(FILENAME, YuNet, map_onnx),
         meta=ModelMeta(colour="BGR", num_landmarks=5, landmark_markup=FIVE_POINTS, num_params=53_104),
         defaults=TaskDefaults(min_score=DEFAULT_MIN_SCORE, nms_iou=DEFAULT_NMS_IOU, max_size=None),
         description="YuNet 2023mar (OpenCV FaceDetectorYN), boxes + 5 landmarks, runs at the image's size",
