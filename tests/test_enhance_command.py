@@ -179,3 +179,24 @@ def test_video2faces_enhance_below(tmp_path):
         if w < 84:
             assert picture.shape[0] >= 4 * 1.5 * w * 0.9  # enhanced x4
     assert (table.boxes[:, 2] - table.boxes[:, 0] < 84).any()
+
+
+def test_faces_only_with_a_restorer_at_its_own_input():
+    """A face restorer (GFPGAN: scale 1, FFHQ 512 input) in enhance_faces: faces aligned onto
+    its 512 crops, restored (random weights here: the real files are not on these machines),
+    pasted back at the image's own size; nothing outside the faces changes."""
+    from tidyface import load_model
+    from tidyface.tasks.enhance import face_geometry
+
+    need(WEIGHTS / "mobilenet0.25_Final.pth")
+    torch.manual_seed(0)
+    restorer = load_model("gfpgan_v1p3", pretrained=False)
+    geometry = face_geometry(restorer)
+    assert geometry.size == (512, 512)
+    photo = _small("deepface_pairs/img1.jpg", side=160)
+    image = np.full((200, 400, 3), 90, np.uint8)
+    image[:photo.shape[0], :photo.shape[1]] = photo
+    det = load_model("retinaface_mnet025").detect(torch.from_numpy(image).permute(2, 0, 1), min_score=0.5)
+    out = enhance_faces(restorer, image, det, image.copy())
+    assert out.shape == image.shape
+    assert (out[:, 250:] == image[:, 250:]).all() and (out[:120, 60:100] != image[:120, 60:100]).any()

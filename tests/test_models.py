@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+import basicsr_shim
 import esrgan_standins
+import test_vit
 
 from tidyface.models.base import PROTOCOLS
 from tidyface.registry import TASKS, list_models
@@ -75,6 +77,8 @@ STAND_INS = {"facenet_vggface2": _facenet_pytorch_checkpoint, "facenet_casia": _
              "retinaface_r50": _retinaface_r50_checkpoint, "bisenet_celebamask": _bisenet_checkpoint,
              "scrfd_10g": _scrfd_10g_onnx, "insightface_2d106det": _insightface_2d106det_onnx}
 STAND_INS.update(esrgan_standins.STAND_INS)  # the Real-ESRGAN and BSRGAN .pth releases
+STAND_INS.update(test_vit.STAND_INS)  # animesion's ViT checkpoints
+STAND_INS.update({n: basicsr_shim.gfpgan_release_standin for n in ("gfpgan_v1p3", "gfpgan_v1p4", "gfpgan_clean_v1_noce_c2")})
 
 
 def _pypi_file(name):
@@ -97,14 +101,18 @@ def test_spec_is_valid(name):
     assert re.fullmatch(r"[a-z0-9_]+", spec.name) and spec.task in TASKS
     assert spec.files and spec.license and spec.origin and callable(spec.converter)
     for f in spec.files:
-        assert re.fullmatch(r"[0-9a-f]{64}", f.sha256) and f.size > 0 and (f.urls or f.pypi)
+        if f.sha256 is None:  # never published: the store records what it downloads
+            assert f.size is None and f.urls, f.filename
+        else:
+            assert re.fullmatch(r"[0-9a-f]{64}", f.sha256) and f.size > 0 and (f.urls or f.pypi)
     meta = spec.meta
     assert meta.num_params and meta.colour in ("RGB", "BGR") and len(meta.mean) == len(meta.std) == 3
     if spec.task == "detect":
         assert spec.defaults.min_score is not None and 0 < spec.defaults.min_score < 1
     if spec.task == "embed":
         assert meta.input_size and meta.embedding_dim and meta.template
-        assert spec.defaults.group_threshold is not None and spec.defaults.hash_confirm is not None
+        if all(f.sha256 for f in spec.files):  # thresholds are measured on real weights
+            assert spec.defaults.group_threshold is not None and spec.defaults.hash_confirm is not None
     if spec.task == "parse":
         assert meta.input_size and meta.class_names
     if spec.task == "enhance":
@@ -135,7 +143,21 @@ def test_converter_gives_the_models_keys_and_shapes(name, tmp_path):
     assert {k: v.shape for k, v in state.items()} == want
 
 
-@pytest.mark.parametrize("name", NAMES)
+def one_call_per_module(names) -> list[str]:
+    """Names whose batched call tells something new: every detector (with real weights its call
+    checks real detections), and the first of the others per (builder, input size) (random
+    weights in one module compute alike: GFPGAN's three releases are one 84M-parameter network,
+    ~8 s a 512 forward on CPU)."""
+    seen, out = set(), []
+    for n in names:
+        key = (ENTRIES[n].builder, ENTRIES[n].spec.meta.input_size)
+        if ENTRIES[n].spec.task == "detect" or key not in seen:
+            seen.add(key)
+            out.append(n)
+    return out
+
+
+@pytest.mark.parametrize("name", one_call_per_module(NAMES))
 def test_batched_call_has_the_documented_shapes(name):
     torch.manual_seed(0)
     available = is_available(ENTRIES[name].spec)

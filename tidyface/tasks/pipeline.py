@@ -258,13 +258,14 @@ def slice_matrices(slices: Tensor) -> Tensor:
 
 def encoder_geometry(encoder, area: Sequence[float] | None = None) -> Geometry:
     """The crops an encoder's weights expect (spec.meta): aligned onto its template, or with
-    `area` the box region stretched to its input size."""
+    `area` (or the template "box": anime encoders, whose faces have no points) the box region
+    stretched to its input size."""
     from ..ops.align import template_for
 
     meta = encoder.spec.meta
     size = tuple(meta.input_size)
-    if area is not None:
-        return BoxArea(size, tuple(area))
+    if area is not None or meta.template == "box":
+        return BoxArea(size, tuple(area) if area is not None else (0.0, 0.0, 1.0, 1.0))
     return Alignment(size, template_for(size, meta.template or "arcface", meta.face_factor))
 
 
