@@ -14,6 +14,7 @@ import torch
 import basicsr_shim
 import esrgan_standins
 import test_vit
+import test_yolov3
 
 from tidyface.models.base import PROTOCOLS
 from tidyface.registry import TASKS, list_models
@@ -78,6 +79,7 @@ STAND_INS = {"facenet_vggface2": _facenet_pytorch_checkpoint, "facenet_casia": _
              "scrfd_10g": _scrfd_10g_onnx, "insightface_2d106det": _insightface_2d106det_onnx}
 STAND_INS.update(esrgan_standins.STAND_INS)  # the Real-ESRGAN and BSRGAN .pth releases
 STAND_INS.update(test_vit.STAND_INS)  # animesion's ViT checkpoints
+STAND_INS.update(test_yolov3.STAND_INS)  # the darknet cfg and a zero .weights of its length
 STAND_INS.update({n: basicsr_shim.gfpgan_release_standin for n in ("gfpgan_v1p3", "gfpgan_v1p4", "gfpgan_clean_v1_noce_c2")})
 
 

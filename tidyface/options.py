@@ -148,8 +148,9 @@ DISTANCE = (0.0, 2.0)  # cosine distance
 AT_LEAST_1 = (1, None)
 AT_LEAST_0 = (0, None)
 DETECTOR = ("detector (retinaface_mnet025, retinaface_r50, mtcnn, scrfd_500m, scrfd_2p5g, scrfd_10g, yunet, "
-            "centerface, or a plugin's; `tidyface models`).")
-ENCODER = "encoder (facenet_casia_tf, mobilefacenet, facenet_vggface2, facenet_casia; `tidyface models`)."
+            "centerface, yolov3_wider, or a plugin's; `tidyface models`).")
+ENCODER = ("encoder (facenet_casia_tf, mobilefacenet, facenet_vggface2, facenet_casia, dlib_resnet, "
+           "vit_anime_b16, vit_anime_l16; `tidyface models`).")
 
 
 @dataclass

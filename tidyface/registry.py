@@ -27,6 +27,7 @@ _BUILTIN_MODULES = (
     "tidyface.models.dlib_resnet",
     "tidyface.models.gfpgan",
     "tidyface.models.vit",
+    "tidyface.models.yolov3",
 )
 ENTRY_POINT_GROUP = "tidyface.models"
 
