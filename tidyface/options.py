@@ -476,6 +476,15 @@ def parse_area(area) -> tuple[float, float, float, float] | None:
     return tuple(vals)
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError, AttributeError):  # a None or broken entry in sys.modules
+        return False
+
+
 def parse_floats(value, n: int, name: str) -> tuple | None:
     """`n` numbers from "a,b,..", "a b ..", or a sequence; None or "" -> None."""
     if value is None or value == "":
@@ -504,7 +513,22 @@ class Video2FacesOptions(PartGroupFlags, GroupingFlags, Common):
     video_fragment: str | None = flag(None, "START_MIN,END_MIN: only this part of each video, in minutes.",
                                       numbers=2)
     video_area: str | None = flag(None, "X1,Y1,X2,Y2: only this rectangle of the frame, in pixels.", numbers=4)
-    video_reader: str = flag("opencv", "opencv or pyav.", choices=("opencv", "pyav"))
+    video_reader: str = flag("opencv", "opencv, pyav or torchcodec (pip install torchcodec; FFmpeg's shared "
+                                       "libraries).", choices=("opencv", "pyav", "torchcodec"))
+    video_device: str = flag("cpu", "where --video-reader torchcodec decodes: cpu, or cuda / cuda:1 (NVDEC).")
+    engine: str = flag("local", "local (this process) or ray (a Ray cluster: pip install \"tidyface[ray]\").",
+                       choices=("local", "ray"))
+    ray_address: str | None = flag(None, "--engine ray: the cluster to join, e.g. auto or HEAD_IP:6379 (default: "
+                                         "the one `ray start` runs on this machine, else a new local one).")
+    workers: int = flag(0, "--engine ray: detection workers, each loading the models once (0: as many as "
+                           "the cluster's CPUs, or GPUs with --worker-gpus, hold).", range=AT_LEAST_0)
+    worker_cpus: float = flag(1.0, "--engine ray: CPUs each worker takes (its torch and decoder threads).",
+                              range=(0.1, None))
+    worker_gpus: float = flag(0.0, "--engine ray: GPUs each worker takes (0.5: two workers share one).",
+                              range=AT_LEAST_0)
+    chunk_minutes: float = flag(0.0, "split videos longer than this into chunks of this many minutes (rounded "
+                                     "to whole --video-step), detected as separate tasks (0: whole videos).",
+                                range=AT_LEAST_0)
     det_model: str | None = flag(None, "detector (default for live: retinaface_mnet025).", model="detect")
     det_batch_size: int = flag(4, "frames per detector pass.", range=AT_LEAST_1)
     det_min_score: float = flag(0.4, "reject faces scoring below this.", range=SCORE)
@@ -564,6 +588,7 @@ class Video2FacesOptions(PartGroupFlags, GroupingFlags, Common):
             raise UsageError(f"--out-prefix {self.out_prefix!r}: a prefix of file names cannot hold / \\ : or "
                              f"start with a dot (the faces stay inside --out-dir)")
         self.enc_area = parse_area(self.enc_area)
+        self._check_engine()
         self.grouping(self.group_mode)
         if self.routing().active and self.mode != "detection":  # refused before any work
             from .registry import get
@@ -588,6 +613,27 @@ class Video2FacesOptions(PartGroupFlags, GroupingFlags, Common):
         if not all(v > 0 for v in self.det_scale):
             raise UsageError(f"--det-scale needs 4 numbers > 0 (SL,SR,SU,SD), got {self.det_scale}")
 
+    def _check_engine(self) -> None:
+        if self.video_device != "cpu":
+            import torch
+
+            try:
+                dev = torch.device(self.video_device)
+            except (RuntimeError, ValueError):
+                raise UsageError(f"--video-device {self.video_device}: not a torch device (cpu, cuda, "
+                                 f"cuda:1)") from None
+            if self.video_reader != "torchcodec":
+                raise UsageError(f"--video-device {self.video_device}: only --video-reader torchcodec decodes on a GPU")
+            # with --engine ray the workers' machines decode: the driver's may have no GPU
+            if dev.type == "cuda" and self.engine == "local" and not torch.cuda.is_available():
+                raise UsageError(f"--video-device {self.video_device}: no CUDA GPU is available here; use cpu")
+        if self.engine == "ray" and not _importable("ray"):  # before any work, without importing it
+            raise UsageError('--engine ray needs Ray: pip install "tidyface[ray]"')
+        ray_flags = {"ray_address": None, "workers": 0, "worker_cpus": 1.0, "worker_gpus": 0.0}
+        if self.engine == "local" and any(getattr(self, k) != v for k, v in ray_flags.items()):
+            used = [flag_name(k) for k, v in ray_flags.items() if getattr(self, k) != v]
+            raise UsageError(f"{', '.join(used)}: only with --engine ray")
+
     # what a run's detection results depend on: resuming with other values is refused
     DETECTION_KEYS: typing.ClassVar[tuple] = (
         "style", "video_step", "video_fragment", "video_area", "det_model", "det_min_score", "det_min_size",
@@ -595,7 +641,10 @@ class Video2FacesOptions(PartGroupFlags, GroupingFlags, Common):
         "enhance_below", "enh_model")
 
     def detection_signature(self) -> dict:
-        return {k: (list(v) if isinstance(v := getattr(self, k), tuple) else v) for k in self.DETECTION_KEYS}
+        sig = {k: (list(v) if isinstance(v := getattr(self, k), tuple) else v) for k in self.DETECTION_KEYS}
+        if self.chunk_minutes:  # chunks are their own manifest entries; whole-video runs keep the old signature
+            sig["chunk_minutes"] = self.chunk_minutes
+        return sig
 
 
 @dataclass

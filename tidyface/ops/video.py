@@ -1,15 +1,19 @@
-"""Video io: exact, sequential frame sampling by presentation time (OpenCV or PyAV).
+"""Video io: exact frame sampling by presentation time (OpenCV, PyAV or torchcodec).
 
-Frames are counted by reading the stream in order, never by seeking (OpenCV's seek is inexact for
-most codecs, so a seek-based index can be off by several frames). Every frame is demuxed and
-decoded (grab), but only the sampled ones are converted to RGB (retrieve), which is the costly part.
+OpenCV and PyAV count frames by reading the stream in order, never by seeking (OpenCV's seek is
+inexact for most codecs, so a seek-based index can be off by several frames). Every frame is demuxed
+and decoded (grab), but only the sampled ones are converted to RGB (retrieve), which is the costly
+part. torchcodec indexes every frame by its timestamp when it opens a file (its "exact" seek mode
+scans the packets), so it fetches frames by index: only those it looks at are decoded to RGB, a
+fragment starts at the keyframe before it, and it can decode on a CUDA GPU (NVDEC).
 Selection uses the container's timestamps, so a file whose fps metadata is wrong still samples at
-real times; both readers count and time frames the same way and yield the same indices.
+real times; the readers count and time frames the same way and yield the same indices.
 """
 from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +23,7 @@ import numpy as np
 
 from ..errors import InputError
 
-READERS = ("opencv", "pyav")
+READERS = ("opencv", "pyav", "torchcodec")
 # Absorbs float rounding only (pts * time_base computed two ways by OpenCV and PyAV). Not larger:
 # at 24000/1001 fps frame 983 is stamped 0.96 ms before 41 s, and must not count as reaching it.
 TIME_TOLERANCE_S = 1e-6
@@ -263,12 +267,111 @@ class _PyAVSource:
             c.close()
 
 
-def _open(path: Path, reader: str, threads: int | None = None):
+class _TorchCodecSource:
+    """torchcodec's VideoDecoder in exact seek mode, on the CPU or a CUDA device (NVDEC; frames
+    stay there until the sampled one is copied out). Frames are fetched by index: the reader
+    (VideoReader._run_indexed) asks for the frames around each target, so only those are
+    converted to RGB.
+    torchcodec applies rotation metadata itself, as OpenCV does."""
+
+    def __init__(self, path: Path, threads: int | None = None, device: str = "cpu"):
+        try:
+            from torchcodec.decoders import VideoDecoder
+        except (ImportError, OSError, RuntimeError) as e:  # RuntimeError: FFmpeg's libraries not found
+            raise ImportError(f"reader='torchcodec' needs torchcodec and FFmpeg's shared libraries "
+                              f"(pip install torchcodec; e.g. apt-get install libavdevice59): "
+                              f"{str(e).splitlines()[0] if str(e) else e.__class__.__name__}") from None
+        import torch
+
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is available here (torchcodec decodes on cpu)")
+        self.path = path
+        self.error: str | None = None
+        self._cache: dict[int, tuple[float, object]] = {}
+        try:
+            self.dec = VideoDecoder(str(path), seek_mode="exact", dimension_order="NHWC",
+                                    num_ffmpeg_threads=threads or 0, device=str(device))
+        except (RuntimeError, ValueError):
+            raise _unreadable(path, "torchcodec") from None
+        self.count = len(self.dec)
+        if not self.count or self._frame(0) is None:
+            raise VideoReadError(f"{path}: opens, but no frame can be decoded (truncated or corrupt?)"
+                                 + (f": {self.error}" if self.error else ""))
+        md = self.dec.metadata
+        fps = _positive(md.average_fps_from_header) or _positive(md.average_fps)
+        # As OpenCV derives them: the header's count, else duration * fps; duration = count / fps.
+        header_s = _positive(md.duration_seconds_from_header)
+        count = md.num_frames_from_header or (int(math.floor(header_s * fps + 0.5)) if header_s and fps else 0)
+        count = count if count and count > 0 else None
+        h, w = self._cache[0][1].shape[:2]
+        self.info = VideoInfo(str(path), fps, count, int(w), int(h),
+                              count / fps if count and fps else _positive(md.duration_seconds))
+        self.origin = self._cache[0][0]
+
+    def _frame(self, i: int):
+        """(pts in s, HWC uint8 tensor on the decoder's device) of frame i, or None when it is
+        past the end or cannot be decoded (the error is kept: the stream ends there)."""
+        if i not in self._cache:
+            if i >= self.count or self.error:
+                return None
+            try:
+                f = self.dec.get_frame_at(i)
+            except (RuntimeError, IndexError) as e:  # FFmpeg's words, without torchcodec's source position
+                why = re.sub(r"^.*\.cpp:\d+, ", "", str(e).splitlines()[0]) if str(e) else e.__class__.__name__
+                self.error = f"decoding stopped at frame {i}: {why}"
+                self.count = i
+                return None
+            self._cache = {k: v for k, v in self._cache.items() if k >= i - 1}  # the neighbour stays
+            self._cache[i] = (float(f.pts_seconds), f.data)
+        return self._cache[i]
+
+    def _time(self, i: int) -> float:
+        got = self._frame(i)
+        return math.inf if got is None else got[0] - self.origin
+
+    def first_reaching(self, t: float, lo: int) -> int:
+        """The smallest index >= lo whose time (from the first frame) is >= t; self.count if none.
+        It starts where the mean frame rate puts t and looks at the frame before first (frames
+        are fetched forwards: a backward fetch seeks), so a constant-rate file costs two frames;
+        where the rate varies it jumps by the time still missing, then bisects."""
+        fps = self.info.fps or 1.0
+        j = min(max(lo, math.ceil(t * fps - 1e-6)), self.count)
+        if j > lo and self._time(j - 1) >= t:
+            return self._bisect(t, lo, j - 1)
+        below = j - 1  # the highest index known to come before t (lo - 1: none known)
+        while j < self.count and self._time(j) < t:
+            below, j = j, min(self.count, j + max(1, int((t - self._time(j)) * fps)))
+        return self._bisect(t, below + 1, j) if j - below > 1 else j
+
+    def _bisect(self, t: float, a: int, b: int) -> int:
+        """The first index in [a, b] reaching t, given that b does (b == count: the end does)."""
+        while a < b:
+            m = (a + b) // 2
+            a, b = (a, m) if self._time(m) >= t else (m + 1, b)
+        return a
+
+    def image(self, i: int, area) -> np.ndarray:
+        data = self._cache[i][1]
+        if area is not None:
+            x1, y1, x2, y2 = _clip(area, data.shape[1], data.shape[0], self.path)
+            data = data[y1:y2, x1:x2]
+        return np.ascontiguousarray(data.cpu().numpy())
+
+    def close(self) -> None:
+        self._cache = {}
+        self.dec = None
+
+
+def _open(path: Path, reader: str, threads: int | None = None, device: str = "cpu"):
     if reader not in READERS:
         raise ValueError(f"reader must be one of {', '.join(READERS)}, got {reader!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    if reader != "torchcodec" and str(device) != "cpu":
+        raise ValueError(f"device {device!r}: only reader='torchcodec' decodes on a GPU")
     _check_file(path)
+    if reader == "torchcodec":
+        return _TorchCodecSource(path, threads, device)
     return (_OpenCVSource if reader == "opencv" else _PyAVSource)(path, threads)
 
 
@@ -294,7 +397,7 @@ def _check_args(step, fragment, area):
             raise ValueError(f"fragment must be (start_min, end_min), got {fragment!r}")
         start, end = fragment
         start_s = 60.0 * float(start if start is not None else 0.0)
-        end_s = math.inf if end is None else 60.0 * float(end)
+        end_s = math.inf if end is None or float(end) < 0 else 60.0 * float(end)  # -1: to the end
         if not (math.isfinite(start_s) and start_s >= 0 and end_s > start_s):
             raise ValueError(f"fragment {tuple(fragment)} must satisfy 0 <= start < end (minutes)")
     if area is not None:
@@ -337,11 +440,19 @@ class _Selector:
                           f"using index / fps ({self.fps:.3f}) from there on", stacklevel=5)
         return index / self.fps
 
+    def target(self) -> float:
+        return self.start + self.k * self.step
+
     def decide(self, index: int, raw: float | None) -> tuple[str, float]:
-        t = self._time(index, raw)
-        if t >= self.end:
+        return self.decide_time(self._time(index, raw))
+
+    def decide_time(self, t: float) -> tuple[str, float]:
+        """decide() for a frame whose time from the first frame is known (torchcodec's index)."""
+        # The end compares with the same tolerance as the targets, so fragments that meet tile
+        # the stream: a frame belongs to exactly one of [a, b) and [b, c) (video2faces' chunks).
+        if t >= self.end - self.tol:
             return self.STOP, t
-        target = self.start + self.k * self.step
+        target = self.target()
         if t < target - self.tol:
             return self.SKIP, t
         # Skip every target this frame reaches: the next is the first one still ahead of t.
@@ -349,7 +460,7 @@ class _Selector:
         return self.TAKE, t
 
     def done(self) -> bool:
-        return self.start + self.k * self.step >= self.end
+        return self.target() >= self.end - self.tol
 
 
 # ----------------------------------------------------------------------------- public reader
@@ -357,12 +468,13 @@ class _Selector:
 class VideoReader:
     """Iterator of sampled Frames, and a context manager that releases the decoder.
 
-    step: seconds between samples (> 0); fragment: (start_min, end_min) in minutes, end None or
-    inf for "to the end", half-open [start, end); area: (x1, y1, x2, y2) in frame pixels, clipped
-    to the frame: each Frame.image is that region only, and boxes found in it must be offset by
-    Frame.offset = (x1, y1) to be in frame pixels; reader: "opencv" or "pyav"; threads: the
-    decoder's threads (None: FFmpeg's choice, one per core; fewer leave cores to models that run
-    alongside, see video2faces).
+    step: seconds between samples (> 0); fragment: (start_min, end_min) in minutes, end None, inf
+    or negative for "to the end", half-open [start, end); area: (x1, y1, x2, y2) in frame pixels,
+    clipped to the frame: each Frame.image is that region only, and boxes found in it must be
+    offset by Frame.offset = (x1, y1) to be in frame pixels; reader: "opencv", "pyav" or
+    "torchcodec"; threads: the decoder's threads (None: FFmpeg's choice, one per core; fewer leave
+    cores to models that run alongside, see video2faces); device: where torchcodec decodes ("cpu",
+    "cuda", "cuda:1"; Frame.image is copied to the host either way).
 
     Frame i is taken when its presentation time reaches the next target (see _Selector). Reading
     stops right after the fragment's last target, without decoding the rest of the file. A
@@ -373,10 +485,10 @@ class VideoReader:
     def __init__(self, path: str | os.PathLike, step: float = 1.0,
                  fragment: tuple[float | None, float | None] | None = None,
                  area: tuple[int, int, int, int] | None = None, reader: str = "opencv",
-                 threads: int | None = None):
+                 threads: int | None = None, device: str = "cpu"):
         self.path = Path(path)
         step, start_s, end_s, self._area = _check_args(step, fragment, area)
-        self._src = _open(self.path, reader, threads)
+        self._src = _open(self.path, reader, threads, device)
         self.info: VideoInfo = self._src.info
         if self._area is not None:
             # Against the stream's size now (fail before any decoding), against each frame later.
@@ -392,6 +504,9 @@ class VideoReader:
         self._gen = self._run()
 
     def _run(self) -> Iterator[Frame]:
+        if isinstance(self._src, _TorchCodecSource):
+            yield from self._run_indexed()
+            return
         sel, area = self._sel, self._area
         offset = (0, 0)
         try:
@@ -411,6 +526,30 @@ class VideoReader:
             self._reached_end = True
         finally:
             self._src.close()
+
+    def _run_indexed(self) -> Iterator[Frame]:
+        """_run for a decoder that fetches by index: each target's frame is looked up (the first
+        frame reaching it), so the same frames are taken without decoding the ones between."""
+        sel, src, area = self._sel, self._src, self._area
+        offset = (0, 0) if area is None else (max(0, area[0]), max(0, area[1]))
+        lo = 0
+        try:
+            while True:
+                j = src.first_reaching(sel.target() - sel.tol, lo)
+                if j >= src.count:
+                    self.frames_read, self._reached_end = src.count, True
+                    return
+                self.frames_read = j + 1
+                action, t = sel.decide_time(src._time(j))
+                if action == sel.STOP:
+                    return
+                self.sampled += 1
+                yield Frame(j, t, src.image(j, area), offset)
+                if sel.done():
+                    return
+                lo = j + 1
+        finally:
+            src.close()
 
     def __iter__(self) -> "VideoReader":
         return self
@@ -453,7 +592,8 @@ class VideoReader:
 
 def sample_frames(path: str | os.PathLike, step: float = 1.0,
                   fragment: tuple[float | None, float | None] | None = None,
-                  area: tuple[int, int, int, int] | None = None, reader: str = "opencv") -> VideoReader:
+                  area: tuple[int, int, int, int] | None = None, reader: str = "opencv",
+                  device: str = "cpu") -> VideoReader:
     """Frames sampled every `step` seconds (see VideoReader, which this returns: iterate it, then
     read its `summary`; use it in a `with` block to release the decoder if you stop early)."""
-    return VideoReader(path, step=step, fragment=fragment, area=area, reader=reader)
+    return VideoReader(path, step=step, fragment=fragment, area=area, reader=reader, device=device)

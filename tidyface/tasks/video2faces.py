@@ -13,7 +13,9 @@ videos, and rebuilds OUT/groups/<group>/ as hard links (or copies) of OUT/faces/
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import queue
 import shutil
@@ -194,7 +196,7 @@ class FrameSource:
         o = self.o
         try:
             with VideoReader(self.path, step=o.video_step, fragment=o.video_fragment, area=o.video_area,
-                             reader=o.video_reader, threads=self.threads) as r:
+                             reader=o.video_reader, threads=self.threads, device=o.video_device) as r:
                 self._box["reader"] = r
                 for f in r:
                     item = SourceFrame(f, self.detector.prepare(f.image, o.det_size),
@@ -688,45 +690,132 @@ def _open_workspace(o: Video2FacesOptions, ws: Workspace, videos: list[Path], fo
     return man or {"version": MANIFEST_VERSION, "detection": sig, "inputs": listing, "videos": {}}
 
 
-def _detect_one(k: int, path: Path, multi: bool, o, ws: Workspace, man: dict, models, writer) -> list[dict]:
-    """The detection stage of one video, recorded in the manifest; -> its reject rows."""
-    key = f"{k:02d}"
-    rec = man["videos"].get(key)
-    if rec and rec.get("status") == "done" and ws.table_path(key).is_file():
-        print(f"tidyface: {path.name}: done in an earlier run, skipped", file=sys.stderr)
-        saved = rec.get("saved", {})
-        missing = [f"--save-{k}" for k in ("rejects", "frames") if getattr(o, f"save_{k}") and not saved.get(k)]
-        if missing:
-            warn(f"{path.name} was processed without {' and '.join(missing)}: nothing of it is saved now "
-                 f"(--overwrite redoes the run with them)")
-        return [{**r, "file_name": r["file_name"] if saved.get("rejects") else ""} for r in rec.get("rejects", [])]
+@dataclass(frozen=True)
+class Unit:
+    """One detection task: a whole video, or a chunk of one (--chunk-minutes). key names its
+    manifest entry and its table and crops files; prefix and the frame indices (counted from the
+    video's start whatever the fragment) name its faces, so a chunked video's faces have the
+    names, and its tables the rows, of the whole video's run."""
+
+    key: str
+    path: Path
+    prefix: str
+    fragment: tuple | None  # minutes, as --video-fragment
+    chunk: int | None = None
+
+    @property
+    def label(self) -> str:
+        return str(self.path) if self.chunk is None else chunk_label(str(self.path), self.chunk, self.fragment)
+
+    def record(self) -> dict:
+        """What a chunk's manifest entry says about it (nothing for a whole video)."""
+        if self.chunk is None:
+            return {}
+        return {"video": self.key.split("_c")[0], "chunk": self.chunk, "fragment": list(self.fragment)}
+
+
+def chunk_label(path: str, chunk: int, fragment) -> str:
+    end = "end" if fragment[1] is None else f"{fragment[1]:g}"
+    return f"{path} (chunk {chunk}: minutes {fragment[0]:g}-{end})"
+
+
+def chunk_spans(path: Path, o: Video2FacesOptions) -> list[tuple]:
+    """--chunk-minutes: fragments (minutes) tiling the part of the video to read, each a whole
+    number of --video-step long, so each chunk samples the frames that the whole video's run
+    samples there (ops.video counts frames from the start and tiles fragments that meet). The
+    last runs to the end, wherever the metadata put it. [] when one chunk holds it all, or the
+    length is unknown (the detection reports an unreadable file)."""
+    from ..ops.video import probe
+
+    try:
+        duration = probe(path).duration_s
+    except (TidyfaceError, OSError):
+        return []
+    frag = o.video_fragment
+    start = frag[0] if frag else 0.0
+    end = frag[1] if frag and frag[1] >= 0 else None
+    if not duration:
+        return []
+    stop_s = duration if end is None else min(60 * end, duration)
+    length = max(1, round(o.chunk_minutes * 60 / o.video_step)) * o.video_step
+    n = math.ceil((stop_s - 60 * start) / length - 1e-9)
+    if n <= 1:
+        return []
+    bounds = [start] + [(60 * start + i * length) / 60 for i in range(1, n)] + [end]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def plan_units(videos: list[Path], o: Video2FacesOptions, multi: bool) -> list[Unit]:
+    units = []
+    for k, path in enumerate(videos, 1):
+        key, prefix = f"{k:02d}", o.out_prefix + (f"{k:02d}_" if multi else "")
+        spans = chunk_spans(path, o) if o.chunk_minutes else []
+        units += [Unit(f"{key}_c{i:04d}", path, prefix, span, i) for i, span in enumerate(spans)] \
+            or [Unit(key, path, prefix, o.video_fragment)]
+    return units
+
+
+def finished(unit: Unit, o, ws: Workspace, man: dict) -> list[dict] | None:
+    """The reject rows of a unit that an earlier run finished (it is skipped), else None."""
+    rec = man["videos"].get(unit.key)
+    if not (rec and rec.get("status") == "done" and ws.table_path(unit.key).is_file()):
+        return None
+    name = unit.path.name if unit.chunk is None else f"{unit.path.name} chunk {unit.chunk}"
+    print(f"tidyface: {name}: done in an earlier run, skipped", file=sys.stderr)
+    saved = rec.get("saved", {})
+    missing = [f"--save-{k}" for k in ("rejects", "frames") if getattr(o, f"save_{k}") and not saved.get(k)]
+    if missing:
+        warn(f"{name} was processed without {' and '.join(missing)}: nothing of it is saved now "
+             f"(--overwrite redoes the run with them)")
+    return [{**r, "file_name": r["file_name"] if saved.get("rejects") else ""} for r in rec.get("rejects", [])]
+
+
+def detect_unit(unit: Unit, o, ws: Workspace, models, writer) -> dict:
+    """The detection stage of one video or chunk: faces and table written (each atomically),
+    warnings printed; -> its manifest record. It reads no manifest, so the Ray engine's workers
+    run it as the local loop does."""
+    path, key, label = unit.path, unit.key, unit.label
+    if unit.fragment != o.video_fragment:
+        o = copy.copy(o)  # not replace(): the options are checked already
+        o.video_fragment = unit.fragment
     detector, encoder = load_models(models, o.device, o.weights_dir, o.det_model, o.enc_model)
     enhancer = load_models(models, o.device, o.weights_dir, o.enh_model)[0] if o.enhance_below else None
-    prefix = o.out_prefix + (f"{key}_" if multi else "")
     try:
-        table, rejects, st = detect_video(path, key, prefix, o, ws, detector, encoder, writer, enhancer)
+        table, rejects, st = detect_video(path, key, unit.prefix, o, ws, detector, encoder, writer, enhancer)
     except (TidyfaceError, OSError) as e:  # this video fails, the others go on; a bug stops the run
         msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        warn(f"{path}: {msg}" if str(path) not in msg else msg)
-        man["videos"][key] = {"path": str(path), "status": "failed", "error": msg}
-        ws.save_manifest(man)
-        return []
+        warn(f"{label}: {msg}" if str(path) not in msg else msg)
+        return {"path": str(path), "status": "failed", "error": msg, **unit.record()}
     table.save(ws.table_path(key))
     if st.ended_early:
-        warn(f"{path}: the video ended after {st.frames} sampled frames, earlier than its metadata "
+        warn(f"{label}: the video ended after {st.frames} sampled frames, earlier than its metadata "
              f"promised (truncated or corrupt?); faces found up to there are kept")
     start = o.video_fragment[0] * 60 if o.video_fragment else 0
     if st.frames == 0 and st.duration_s is not None and start >= st.duration_s:
-        warn(f"{path}: --video-fragment starts at {start:g} s, after the video's end ({st.duration_s:.1f} s): "
+        warn(f"{label}: --video-fragment starts at {start:g} s, after the video's end ({st.duration_s:.1f} s): "
              f"no frames sampled")
     elif st.faces == 0:
-        warn(f"{path}: no faces found in {st.frames} sampled frames")
-    man["videos"][key] = {"path": str(path), "status": "done", "frames": st.frames, "faces": st.faces,
-                          "rejected": st.rejected, "ended_early": st.ended_early, "rejects": rejects,
-                          "saved": {"rejects": o.save_rejects, "frames": o.save_frames},
-                          "seconds": round(st.seconds, 2)}
+        warn(f"{label}: no faces found in {st.frames} sampled frames")
+    return {"path": str(path), "status": "done", "frames": st.frames, "faces": st.faces,
+            "rejected": st.rejected, "ended_early": st.ended_early, "rejects": rejects,
+            "saved": {"rejects": o.save_rejects, "frames": o.save_frames},
+            "seconds": round(st.seconds, 2), **unit.record()}
+
+
+def _detect_one(unit: Unit, o, ws: Workspace, man: dict, models, writer) -> list[dict]:
+    """The detection stage of one video or chunk, recorded in the manifest; -> its reject rows."""
+    earlier = finished(unit, o, ws, man)
+    if earlier is not None:
+        return earlier
+    man["videos"][unit.key] = rec = detect_unit(unit, o, ws, models, writer)
     ws.save_manifest(man)
-    return rejects
+    return rec.get("rejects", [])
+
+
+def unit_files(ws: Workspace, unit: Unit) -> list[str]:
+    """The unit's files, for the folder's record of what this command wrote."""
+    return [ws.table_path(unit.key).relative_to(ws.out).as_posix(),
+            ws.crops_path(unit.key).relative_to(ws.out).as_posix()]
 
 
 def detection_stage(o: Video2FacesOptions, ws: Workspace, inp: Path, models, folder: OutputFolder) -> dict:
@@ -742,12 +831,17 @@ def detection_stage(o: Video2FacesOptions, ws: Workspace, inp: Path, models, fol
     if o.mode == "full":
         warm_imports(o.group_mode)
     multi = len(videos) > 1 or inp.is_dir() or inp.suffix.lower() == ".txt"
+    units = plan_units(videos, o, multi)
     rejects = []
-    with ThreadPoolExecutor(2) as writer:
-        for k, path in enumerate(videos, 1):
-            rejects += _detect_one(k, path, multi, o, ws, man, models, writer)
-            folder.record([ws.table_path(f"{k:02d}").relative_to(ws.out).as_posix(),
-                           ws.crops_path(f"{k:02d}").relative_to(ws.out).as_posix()])
+    if o.engine == "ray":
+        from .ray_engine import detect_on_ray  # Ray is imported on this path only
+
+        rejects = detect_on_ray(units, o, ws, man, folder)
+    else:
+        with ThreadPoolExecutor(2) as writer:
+            for unit in units:
+                rejects += _detect_one(unit, o, ws, man, models, writer)
+                folder.record(unit_files(ws, unit))
     if o.save_rejects:
         write_csv(ws.inter / "log_rejects.csv", rejects)
     return man
@@ -782,8 +876,15 @@ def run_video2faces(o: Video2FacesOptions, models: ModelCache | None = None) -> 
 
 
 def _summary(man: dict, out: Path) -> dict:
+    """videos: those finished whole (every chunk done); failed: each failed video's path, or
+    the path and minutes of each failed chunk."""
+    recs = man["videos"].items()
     done = [v for v in man["videos"].values() if v.get("status") == "done"]
-    return {"videos": len(done), "failed": [v["path"] for v in man["videos"].values() if v.get("status") == "failed"],
+    bad = {v.get("video", k) for k, v in recs if v.get("status") == "failed"}
+    videos = {v.get("video", k) for k, v in recs if v.get("status") == "done"} - bad
+    failed = [v["path"] if "chunk" not in v else chunk_label(v["path"], v["chunk"], v["fragment"])
+              for v in man["videos"].values() if v.get("status") == "failed"]
+    return {"videos": len(videos), "failed": failed,
             "frames": sum(v["frames"] for v in done), "faces": sum(v["faces"] for v in done),
             "rejected": sum(v["rejected"] for v in done), "duplicates": 0, "groups": {}, "out": str(out)}
 
