@@ -63,7 +63,7 @@ def main():
     from tidyface.options import Video2FacesOptions
     from tidyface.tasks.video2faces import video_to_faces
 
-    for m in Video2FacesOptions.LIVE_DEFAULTS.values():
+    for m in Video2FacesOptions.STYLE_DEFAULTS["live"].values():
         default_cache().get(m, "cpu")
     tmp = Path(tempfile.mkdtemp(prefix="bench_ray_"))
     src = tmp / "in"

@@ -36,7 +36,7 @@ def main():
     # One-time process costs are not part of a run: loading (and at first use converting) the
     # weights into the process-wide ModelCache the run takes them from, and importing the
     # grouping libraries (scipy/sklearn, ~0.3-0.8 s).
-    defaults = Video2FacesOptions.LIVE_DEFAULTS
+    defaults = Video2FacesOptions.STYLE_DEFAULTS["live"]
     models = default_cache()
     for m in defaults.values():
         models.get(m, "cpu")

@@ -13,6 +13,7 @@ import torch
 
 import basicsr_shim
 import esrgan_standins
+import test_faster_rcnn
 import test_vit
 import test_yolov3
 
@@ -80,6 +81,8 @@ STAND_INS = {"facenet_vggface2": _facenet_pytorch_checkpoint, "facenet_casia": _
 STAND_INS.update(esrgan_standins.STAND_INS)  # the Real-ESRGAN and BSRGAN .pth releases
 STAND_INS.update(test_vit.STAND_INS)  # animesion's ViT checkpoints
 STAND_INS.update(test_yolov3.STAND_INS)  # the darknet cfg and a zero .weights of its length
+STAND_INS["faster_rcnn_anime"] = lambda path: torch.save(  # mmdet 2.x's checkpoint layout
+    {"meta": {"CLASSES": ("face",)}, "state_dict": test_faster_rcnn.mmdet_checkpoint()}, path)
 STAND_INS.update({n: basicsr_shim.gfpgan_release_standin for n in ("gfpgan_v1p3", "gfpgan_v1p4", "gfpgan_clean_v1_noce_c2")})
 
 

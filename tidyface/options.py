@@ -148,7 +148,7 @@ DISTANCE = (0.0, 2.0)  # cosine distance
 AT_LEAST_1 = (1, None)
 AT_LEAST_0 = (0, None)
 DETECTOR = ("detector (retinaface_mnet025, retinaface_r50, mtcnn, scrfd_500m, scrfd_2p5g, scrfd_10g, yunet, "
-            "centerface, yolov3_wider, or a plugin's; `tidyface models`).")
+            "centerface, yolov3_wider, faster_rcnn_anime, or a plugin's; `tidyface models`).")
 ENCODER = ("encoder (facenet_casia_tf, mobilefacenet, facenet_vggface2, facenet_casia, dlib_resnet, "
            "vit_anime_b16, vit_anime_l16; `tidyface models`).")
 
@@ -529,7 +529,8 @@ class Video2FacesOptions(PartGroupFlags, GroupingFlags, Common):
     chunk_minutes: float = flag(0.0, "split videos longer than this into chunks of this many minutes (rounded "
                                      "to whole --video-step), detected as separate tasks (0: whole videos).",
                                 range=AT_LEAST_0)
-    det_model: str | None = flag(None, "detector (default for live: retinaface_mnet025).", model="detect")
+    det_model: str | None = flag(None, "detector (default: live retinaface_mnet025, anime faster_rcnn_anime).",
+                                 model="detect")
     det_batch_size: int = flag(4, "frames per detector pass.", range=AT_LEAST_1)
     det_min_score: float = flag(0.4, "reject faces scoring below this.", range=SCORE)
     det_min_size: int = flag(50, "reject faces whose box is narrower or shorter than this (pixels).",
@@ -546,7 +547,7 @@ class Video2FacesOptions(PartGroupFlags, GroupingFlags, Common):
                                  "saved and embedded (0: off).", range=AT_LEAST_0)
     enh_model: str = flag("realesrgan_x4plus_ncnn", "--enhance-below: the super-resolution model "
                                                           "(`tidyface models --task enhance`).", model="enhance")
-    enc_model: str | None = flag(None, "encoder (default for live: mobilefacenet).", model="embed")
+    enc_model: str | None = flag(None, "encoder (default: live mobilefacenet, anime vit_anime_b16).", model="embed")
     enc_batch_size: int = flag(16, "faces per encoder pass.", range=AT_LEAST_1)
     enc_area: str | None = flag(None, "X1,Y1,X2,Y2 fractions of the face box to embed unaligned (default: "
                                       "aligned).", numbers=4)
@@ -559,23 +560,16 @@ class Video2FacesOptions(PartGroupFlags, GroupingFlags, Common):
     save_dupes: bool = flag(False, "write duplicates to intermediate/dupes1|2 with log_dupes1|2.csv.")
     overwrite: bool = flag(False, "replace the results of an earlier run in the output folder.")
 
-    LIVE_DEFAULTS: typing.ClassVar[dict] = {"det_model": "retinaface_mnet025", "enc_model": "mobilefacenet"}
-    # The anime models of a later issue: named so the refusal says exactly what is missing.
-    ANIME_MODELS: typing.ClassVar[dict] = {
-        "det_model": "faster_rcnn_anime (hysts/anime-face-detector, mmdet checkpoint)",
-        "enc_model": "vit_anime (animesion ViT-B/16 or L/16)"}
+    STYLE_DEFAULTS: typing.ClassVar[dict] = {
+        "live": {"det_model": "retinaface_mnet025", "enc_model": "mobilefacenet"},
+        # video-to-faces' anime models: hysts' Faster R-CNN and animesion's ViT-B/16 (box crops)
+        "anime": {"det_model": "faster_rcnn_anime", "enc_model": "vit_anime_b16"}}
 
     def check(self):
         if not self.input and not (self.mode == "grouping" and self.out_dir):
             raise UsageError("usage: tidyface video2faces VIDEO|FOLDER|LIST.txt [flags] "
                              "(--mode grouping: --out-dir DIR is enough)")
-        if self.style == "anime" and self.mode != "grouping":
-            missing = [self.ANIME_MODELS[k] for k in ("det_model", "enc_model") if getattr(self, k) is None]
-            if missing:
-                raise UsageError("--style anime needs the anime face detector and encoder, whose weights are "
-                                 "not in tidyface yet: " + "; ".join(missing)
-                                 + " (pass --det-model/--enc-model to use other registered models)")
-        for k, v in self.LIVE_DEFAULTS.items():
+        for k, v in self.STYLE_DEFAULTS[self.style].items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
                 check_model(v, "detect" if k == "det_model" else "embed", flag_name(k))

@@ -28,6 +28,7 @@ _BUILTIN_MODULES = (
     "tidyface.models.gfpgan",
     "tidyface.models.vit",
     "tidyface.models.yolov3",
+    "tidyface.models.faster_rcnn",
 )
 ENTRY_POINT_GROUP = "tidyface.models"
 

@@ -19,8 +19,18 @@ def cache_or_default(models: ModelCache | None) -> ModelCache:
 def load_models(models: ModelCache | None, device, weights_dir, *names: str) -> list:
     """Each named model from the cache, before any output is written (a run that cannot get
     its weights must not leave a half-made folder); WeightsError names the file and the fix."""
+    from ..weights import WeightsError
+
     cache = cache_or_default(models)
-    return [cache.get(name, device, weights_dir) for name in names]
+    loaded, missing = [], []
+    for name in names:  # every missing file is named at once, not one per run
+        try:
+            loaded.append(cache.get(name, device, weights_dir))
+        except WeightsError as e:
+            missing.append(str(e))
+    if missing:
+        raise WeightsError(" | ".join(dict.fromkeys(missing)))
+    return loaded
 
 
 def progress(total: int | None, unit: str, desc: str):
