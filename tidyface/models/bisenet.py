@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..convert import check_complete, load_torch_file, rename_keys
 from ..ops.image import normalise
+from ..ops.resize import resize_antialiased
 from ..registry import ModelMeta, UpstreamFile, WeightSpec, register
 from .base import Parser
 
@@ -206,16 +207,7 @@ class BiSeNet(nn.Module, Parser):
         """Face crops (N,3,S,S) RGB 0..255 (FFHQ-aligned, see the module docstring) -> (N,19,S,S)
         logits: resized to 512 as upstream evaluates, then the logits resized back to S."""
         logits = self(preprocess(crops))
-        return _resize(logits, tuple(crops.shape[-2:]))
-
-
-def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize, averaging when shrinking as PIL's BILINEAR does (torch's antialias mode
-    follows PIL's filter); identity at the same size."""
-    if tuple(x.shape[-2:]) == size:
-        return x
-    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+        return resize_antialiased(logits, tuple(crops.shape[-2:]))
 
 
 def preprocess(images: Tensor) -> Tensor:
@@ -224,7 +216,7 @@ def preprocess(images: Tensor) -> Tensor:
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] == 0 or images.shape[3] == 0:
         raise ValueError(f"BiSeNet takes RGB (N,3,S,S) crops, got {tuple(images.shape)}")
     x = images.float() if images.dtype != torch.float32 else images
-    x = _resize(x, (INPUT_SIZE, INPUT_SIZE))
+    x = resize_antialiased(x, (INPUT_SIZE, INPUT_SIZE))
     return normalise(x, MEAN, STD)
 
 

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from ..convert import check_complete, load_torch_file, rename_keys
 from ..errors import InputError
 from ..ops.image import as_rgb_batch, normalise
-from ..ops.resize import resize_bilinear
+from ..ops.resize import resize_antialiased, resize_bilinear
 from ..registry import ModelMeta, UpstreamFile, WeightSpec, register
 from .base import Enhancer, model_device
 
@@ -251,15 +251,7 @@ class GFPGANClean(nn.Module, Enhancer):
         0..255, restored: resized to out_size and back when H, W differ (bilinear)."""
         images = as_rgb_batch(images, "enhance images")
         out = _to_pixels(self(preprocess(images, self.out_size)))
-        return _resize(out, tuple(images.shape[-2:]))
-
-
-def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of float pixels, averaging when shrinking; identity at the same size."""
-    if tuple(x.shape[-2:]) == size:
-        return x
-    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+        return resize_antialiased(out, tuple(images.shape[-2:]))
 
 
 def _to_pixels(y: Tensor) -> Tensor:
@@ -295,7 +287,7 @@ def postprocess(output: Tensor, size: Sequence[int] | None = None) -> np.ndarray
     when given and different."""
     pixels = _to_pixels(output.detach().float())
     if size is not None:
-        pixels = _resize(pixels, (int(size[0]), int(size[1])))
+        pixels = resize_antialiased(pixels, (int(size[0]), int(size[1])))
     return pixels.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -33,3 +33,12 @@ def resize_bilinear(images: Tensor, size: Sequence[int]) -> Tensor:
     if not images.is_floating_point():
         x = x.round().clamp_(0, 255)
     return x
+
+
+def resize_antialiased(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of float pixels to size (h, w), averaging when shrinking as PIL's BILINEAR
+    does (torch's antialias mode follows PIL's filter); identity at the same size."""
+    if tuple(x.shape[-2:]) == size:
+        return x
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
