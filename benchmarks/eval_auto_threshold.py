@@ -1,11 +1,14 @@
-"""Choose the auto-grouping threshold of an encoder on the labelled faces of Video_2.mp4.
+"""Auto grouping cut at fixed thresholds, on the labelled faces of Video_2.mp4.
 
     python benchmarks/eval_auto_threshold.py --enc-model mobilefacenet --thresholds 0.5,0.55,0.6,0.65,0.7,0.75
 
-Runs video2faces' detection stage once (defaults otherwise), then auto grouping at each threshold
-over all kept faces, and scores it on tests/data/video2_faces_truth.csv: groups, purity, faces
-left unassigned, and the adjusted Rand index (unassigned faces counted as singletons). The
-encoder's current default (`spec.defaults.group_threshold`) is printed with the table.
+Auto grouping chooses its cut from the data now (grouping.choose_cut; every candidate on every
+labelled set: eval_auto_grouping.py). A fixed cut is what `--auto-thr` asks for, and the
+encoder's `spec.defaults.group_threshold` is the cut where none can be chosen (2 faces); this
+script scores such cuts. It runs video2faces' detection stage once (defaults otherwise), then
+auto grouping at each threshold over all faces (no dedup), and scores it on
+tests/data/video2_faces_truth.csv: groups, purity, faces left unassigned, and the adjusted Rand
+index (unassigned faces counted as singletons). The encoder's default is printed with the table.
 """
 from __future__ import annotations
 

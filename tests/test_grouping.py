@@ -89,7 +89,10 @@ def test_auto_recovers_identities_and_leaves_strangers_unassigned():
     assert adjusted_rand_score(y[y >= 0], lab[y >= 0]) == 1.0
     assert np.isfinite(g.distance).all()  # unassigned faces report the nearest group's distance
     assert (g.distance[y < 0] > 0.6).all() and (g.distance[y >= 0] < 0.2).all()
-    assert grouping_log_rows(g, list(map(str, range(len(y)))))[-1]["threshold"] == 0.4
+    names = list(map(str, range(len(y))))  # the log names the cut: chosen from the data, or given
+    assert g.details["cut"] == "silhouette"
+    assert grouping_log_rows(g, names)[-1]["threshold"] == g.details["threshold"]
+    assert grouping_log_rows(auto(x, threshold=0.4), names)[-1]["threshold"] == 0.4
     assert all(v == UNASSIGNED for v in auto(x, threshold=0).labels)  # nothing is closer than 0
 
 

@@ -416,8 +416,8 @@ class GroupingFlags(Options):
     ref_dir: str | None = flag(None, "classify mode: one subfolder per person with reference images.")
     enc_oth_thr: float = flag(-1, "classify mode: faces at cosine distance >= this from every person go "
                                   "to other/ (-1 means every face gets its nearest person).", range=DISTANCE, off=-1)
-    auto_thr: float | None = flag(None, "auto mode: average-linkage cosine distance threshold (default: "
-                                        "the encoder's, chosen on labelled data).", range=DISTANCE)
+    auto_thr: float | None = flag(None, "auto mode: cut the average-linkage tree at this cosine distance "
+                                        "instead of choosing the cut from the data.", range=DISTANCE)
     group_log: bool = flag(False, "also write the distances behind each decision.")
 
     def grouping(self, mode: str):
@@ -436,7 +436,7 @@ class GroupCommandOptions(GroupingFlags, Common):
                             positional=True)
     out: str | None = flag(None, "the output folder (required); must be empty, or a previous result with "
                                  "--overwrite.")
-    mode: str = flag("auto", "auto (threshold clustering, no k), cluster (KMeans, k by silhouette) or "
+    mode: str = flag("auto", "auto (no k, no threshold: the cut chosen from the data), cluster (KMeans, k by silhouette) or "
                              "classify (against --ref-dir).", choices=("auto", "cluster", "classify"))
     cropped: bool = flag(False, "the images are face crops (one face each), so no detection.")
     enc_model: str = flag("facenet_casia_tf", ENCODER, model="embed")

@@ -1,7 +1,8 @@
 """Grouping faces by identity from L2-normalised embeddings (N,D): three modes, one result type.
 
 - cluster: KMeans for each k of a range, k chosen by the cosine silhouette.
-- auto: no k; average-linkage agglomerative clustering on cosine distance, cut at a threshold.
+- auto: no k, no threshold; average-linkage agglomerative clustering on cosine distance, the
+  tree cut at the height the silhouette of its groups chooses (or at a given threshold).
   Faces that end alone are "unassigned".
 - classify: nearest class by the minimum cosine distance to each class's reference embeddings,
   with an optional "other" threshold.
@@ -22,8 +23,19 @@ from torch import Tensor
 
 from .dedup import DEFAULT_BLOCK, EMBEDDING_EPS, _unit_rows, close_pair_components
 
-# Provisional: to be set from real identity-labelled data (cosine distance, average linkage).
+# auto mode's cut where the data cannot choose one (2 faces, or all alike) and no encoder
+# default is given (cosine distance, average linkage).
 AUTO_THRESHOLD = 0.4
+# The cut heights (cosine distance) auto mode chooses among by the silhouette: above 1.0 two
+# faces are anti-correlated on average, never one person.
+AUTO_HEIGHTS = tuple(round(0.05 + 0.025 * i, 3) for i in range(39))
+AUTO_SILHOUETTE_ROWS = 4000  # faces whose silhouette is averaged (a seeded sample above this)
+AUTO_SAMPLE = 5000  # above AGGLOMERATIVE_MAX_N faces, the cut is chosen on a seeded sample's tree
+AUTO_SHARE_POWER = 0.5  # the cut's score: silhouette of the grouped faces x (their share)^this
+# Faces closer than this are copies of one picture (a burst, neighbouring video frames): each
+# set of copies weighs as one face in the cut's score, so copying a picture never moves the cut.
+AUTO_COPY_HEIGHT = 0.05
+AUTO_TIE = 0.005  # scores within this share of the best count as tied (see _chosen_height)
 # Exact agglomerative clustering holds the N(N-1)/2 float64 distances (10k faces: 400 MB, and
 # scipy's linkage copies them); above this many faces `auto` first splits the set by a tiled
 # threshold graph (see `auto`).
@@ -238,18 +250,121 @@ def _condensed_cosine(x: Tensor) -> np.ndarray:
     return out
 
 
+def _tree(x: Tensor) -> np.ndarray:
+    """scipy's average-linkage tree on cosine distance (x: at least 2 unit rows)."""
+    from scipy.cluster.hierarchy import linkage
+
+    return linkage(_condensed_cosine(x), method="average")
+
+
+def _cut(tree: np.ndarray, thr: float) -> np.ndarray:
+    """The tree's clusters merged below thr, labels 0..K-1."""
+    from scipy.cluster.hierarchy import fcluster
+
+    # fcluster keeps merges at height <= t; the next float below thr makes that "< thr"
+    return fcluster(tree, np.nextafter(thr, -np.inf), criterion="distance").astype(np.int64) - 1
+
+
 def _average_linkage(x: Tensor, thr: float) -> np.ndarray:
     """Exact average-linkage clustering on cosine distance, merging while the distance < thr:
     the same partition as sklearn AgglomerativeClustering(n_clusters=None, metric="cosine",
     linkage="average", distance_threshold=thr), which also runs scipy's linkage, but with the
     distances from one matmul per block instead of pdist. Labels 0..K-1."""
-    from scipy.cluster.hierarchy import fcluster, linkage
-
     if x.shape[0] < 2:
         return np.zeros(x.shape[0], dtype=np.int64)
-    tree = linkage(_condensed_cosine(x), method="average")
-    # fcluster keeps merges at height <= t; the next float below thr makes that "< thr"
-    return fcluster(tree, np.nextafter(thr, -np.inf), criterion="distance").astype(np.int64) - 1
+    return _cut(_tree(x), thr)
+
+
+def _silhouettes(x: Tensor, tree: np.ndarray, heights: Sequence[float], rows: np.ndarray,
+                 weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For the tree cut at each height: the mean cosine silhouette over the faces `rows` (all
+    faces: sklearn's silhouette_score(metric="cosine"), faces alone scoring 0; a seeded subset:
+    its unbiased estimate, each row still scored against every face), and the share of those
+    rows in groups of 2 or more. NaN where the cut leaves fewer than 2 groups or no two faces
+    together. For unit vectors the mean distance to a group is 1 - x . sum / size, so one
+    similarity block of rows serves every height; memory ~ _TILE_ELEMS per block. weights
+    (per row): the weighted mean and share instead (the group means keep every face)."""
+    n = x.shape[0]
+    w_all = torch.ones(len(rows), dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
+    cuts = [(i, torch.from_numpy(lab).to(x.device)) for i, h in enumerate(heights)
+            if 2 <= int((lab := _cut(tree, h)).max()) + 1 <= n - 1]
+    sizes = [torch.bincount(lab).to(x.dtype) for _, lab in cuts]
+    total, grouped = np.zeros(len(heights)), np.zeros(len(heights))
+    rows_t = torch.from_numpy(rows).to(x.device)
+    step = _rows_per_tile(n)
+    for s in range(0, len(rows), step):
+        r, w = rows_t[s:s + step], w_all[s:s + step].to(x.device)
+        sim = x @ x[r].T  # faces x rows: summing whole rows per group is the fast index_add
+        at = torch.arange(len(r), device=x.device)
+        for (h_i, lab), size in zip(cuts, sizes):
+            to_group = torch.zeros(len(size), len(r), dtype=x.dtype, device=x.device).index_add_(0, lab, sim)
+            own = lab[r]
+            own_n = size[own]
+            a = 1 - (to_group[own, at] - 1) / (own_n - 1).clamp_min(1)  # the face itself left out
+            to_group = 1 - to_group / size.unsqueeze(1)
+            to_group[own, at] = torch.inf
+            b = to_group.min(0).values
+            sil = torch.where(own_n > 1, (b - a) / torch.maximum(a, b).clamp_min(1e-12), torch.zeros_like(a))
+            total[h_i] += float((sil.double() * w).sum())
+            grouped[h_i] += float(w[own_n > 1].sum())
+    sil, share = np.full(len(heights), np.nan), np.full(len(heights), np.nan)
+    for h_i, _ in cuts:
+        sil[h_i], share[h_i] = total[h_i] / float(w_all.sum()), grouped[h_i] / float(w_all.sum())
+    return sil, share
+
+
+def _chosen_height(heights: Sequence[float], scores: np.ndarray) -> float | None:
+    """The middle of the run of neighbouring heights around the best score that score within
+    AUTO_TIE of it: a run of equal scores is one partition, and scores that close differ by a
+    face or two, so the cut farthest from both edges of the run is taken. None: no valid cut."""
+    if np.isnan(scores).all():
+        return None
+    best = int(np.nanargmax(scores))
+    near = np.nan_to_num(scores, nan=-np.inf) >= scores[best] - AUTO_TIE * abs(scores[best])
+    lo, hi = best, best
+    while lo > 0 and near[lo - 1]:
+        lo -= 1
+    while hi < len(scores) - 1 and near[hi + 1]:
+        hi += 1
+    return float(heights[(lo + hi) // 2])
+
+
+def choose_cut(x: Tensor, heights: Sequence[float] | None = None, rows: int | None = None,
+               sample: int | None = None, random_state: int = 0, tree: np.ndarray | None = None
+               ) -> tuple[float | None, dict]:
+    """The cut height of the average-linkage tree (cosine distance) whose groups score best:
+    score = S_g x f^0.5 (AUTO_SHARE_POWER), where f is the share of faces in groups of 2 or
+    more and S_g their mean silhouette. S_g x f is the usual silhouette (faces alone count 0),
+    which rewards pairing two strangers whenever they are nearer each other than anyone else;
+    S_g alone rewards leaving faces out; the score is the geometric mean of the two
+    (benchmarks/eval_auto_grouping.py compares powers 1, 0.75, 0.5, 0.25, 0). A set of copies
+    (faces closer than AUTO_COPY_HEIGHT) weighs as one face in S_g and f: without that, the
+    near-copies of video-like sets (consecutive frames) outscore the people they show.
+
+    heights: the candidate cuts (default AUTO_HEIGHTS); the tree is of all faces, or of a seeded
+    `sample` of them when there are more (default AUTO_SAMPLE); the silhouette is averaged over
+    at most `rows` of its faces (default AUTO_SILHOUETTE_ROWS). Returns (the height, or None when
+    no cut leaves 2..N-1 groups: 2 faces, all faces alike), details {"cut_score",
+    "silhouette" (copy-weighted), "grouped_share"}: {height: value} each.
+    """
+    heights = np.asarray(AUTO_HEIGHTS if heights is None else heights, dtype=np.float64)
+    rows, sample = rows or AUTO_SILHOUETTE_ROWS, sample or AUTO_SAMPLE
+    rng = np.random.default_rng(random_state)
+    if x.shape[0] > sample:
+        x = x[torch.from_numpy(np.sort(rng.choice(x.shape[0], sample, replace=False))).to(x.device)]
+        tree = None
+    n = x.shape[0]
+    if n < 3:
+        return None, {"cut_score": {}, "silhouette": {}, "grouped_share": {}}
+    tree = _tree(x) if tree is None else tree
+    pick = np.arange(n) if n <= rows else np.sort(rng.choice(n, rows, replace=False))
+    copies = _cut(tree, AUTO_COPY_HEIGHT)
+    sil, share = _silhouettes(x, tree, heights, pick, 1.0 / np.bincount(copies)[copies[pick]])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = sil * share ** (AUTO_SHARE_POWER - 1)  # = S_g x f^power
+    details = {name: {float(h): float(v) for h, v in zip(heights, values)}
+               for name, values in (("cut_score", score), ("silhouette", sil), ("grouped_share", share))}
+    return _chosen_height(heights, score), details
 
 
 def _sample_then_assign(x: Tensor, thr: float, m: int, rng: np.random.Generator) -> np.ndarray:
@@ -274,58 +389,84 @@ def _sample_then_assign(x: Tensor, thr: float, m: int, rng: np.random.Generator)
     return lab
 
 
+def _large_cut(x: Tensor, thr: float, max_exact: int, block: int, rng: np.random.Generator,
+               details: dict) -> np.ndarray:
+    """The cut at thr for more than max_exact faces, memory bounded (see `auto`)."""
+    n = x.shape[0]
+    limit = 1.0 - (thr + EMBEDDING_EPS)  # a superset of the < thr pairs, never fewer
+    comp = close_pair_components(x, lambda a, b: (a @ b.T) >= limit, block)
+    ids, inv, counts = np.unique(comp, return_inverse=True, return_counts=True)
+    members = np.split(np.argsort(inv, kind="stable"), np.cumsum(counts)[:-1])
+    lab = np.full(n, -1, dtype=np.int64)
+    nxt, approx = 0, 0
+    for idx in members:  # one iteration per component, not per face
+        if len(idx) < 2:
+            continue
+        if len(idx) <= max_exact:
+            sub = _average_linkage(x[torch.from_numpy(idx).to(x.device)], thr)
+        else:
+            sub = _sample_then_assign(x[torch.from_numpy(idx).to(x.device)], thr, max_exact, rng)
+            approx += 1
+        lab[idx] = np.where(sub >= 0, sub + nxt, -1)
+        nxt += int(sub.max()) + 1
+    details["components"] = int(len(ids))
+    details["approximate"] = approx
+    return lab
+
+
 def auto(emb, threshold: float | None = None, max_exact: int = AGGLOMERATIVE_MAX_N,
-         block: int = DEFAULT_BLOCK, random_state: int = 0) -> Grouping:
-    """Threshold clustering without k: average linkage on cosine distance, merging while the
-    average distance between two groups is < threshold (default AUTO_THRESHOLD); groups of one
-    face are "unassigned".
+         block: int = DEFAULT_BLOCK, random_state: int = 0,
+         fallback_threshold: float = AUTO_THRESHOLD) -> Grouping:
+    """Grouping without k or threshold: average linkage on cosine distance, the tree cut at the
+    height (one of AUTO_HEIGHTS) whose groups score best (`choose_cut`: the silhouette of the
+    grouped faces x the square root of their share); groups of one face are "unassigned".
+    `threshold` given: the tree is cut there instead. Where no cut can be scored (2 faces; all
+    faces alike), fallback_threshold is used (the encoder's spec.defaults.group_threshold when
+    called through pipeline.group). details: "threshold" (the cut used), "cut" ("silhouette",
+    "given" or "fallback"), and when chosen "cut_score", "silhouette", "grouped_share"
+    ({height: value}).
 
     N <= max_exact: exact average linkage on everything (the partition of sklearn
     AgglomerativeClustering(metric="cosine", linkage="average", distance_threshold=threshold),
-    computed with scipy's linkage on matmul distances, see `_average_linkage`). N > max_exact (memory): a tiled all-pairs pass
-    links faces closer than the threshold and takes connected components; average linkage
-    never merges across such components (a merge below the threshold needs at least one pair
-    below it), so clustering each component exactly gives the same result as the exact mode.
-    A component still larger than max_exact is clustered on a random max_exact-face sample and
-    the rest assigned by average distance (approximate; counted in details["approximate"]).
+    computed with scipy's linkage on matmul distances, see `_average_linkage`), and the height
+    chosen on that tree. N > max_exact (memory): the height is chosen on the tree of a seeded
+    sample (AUTO_SAMPLE faces), then a tiled all-pairs pass links faces closer than it and
+    takes connected components; average linkage never merges across such components (a merge
+    below the threshold needs at least one pair below it), so clustering each component
+    exactly gives the exact mode's partition at that height. A component still larger than
+    max_exact is clustered on a random max_exact-face sample and the rest assigned by average
+    distance (approximate; counted in details["approximate"]).
     """
-    thr = AUTO_THRESHOLD if threshold is None else float(threshold)
-    if not thr >= 0:
+    if threshold is not None and not float(threshold) >= 0:
         raise ValueError(f"auto threshold must be >= 0, got {threshold}")
     x = _unit_rows(emb)
     n = x.shape[0]
-    details = {"mode": "auto", "threshold": thr}
+    details = {"mode": "auto", "threshold": None if threshold is None else float(threshold),
+               "cut": "given" if threshold is not None else "silhouette"}
     if n == 0:
-        return _empty("auto", "no faces to group", threshold=thr)
+        return _empty("auto", "no faces to group", **{k: v for k, v in details.items() if k != "mode"})
+    rng = np.random.default_rng(random_state)
+    tree = _tree(x) if 2 <= n <= max_exact else None
+    if threshold is None:
+        sample = max_exact if n <= max_exact else min(AUTO_SAMPLE, max_exact)  # exact: the whole tree
+        h, scores = choose_cut(x, sample=sample, random_state=random_state, tree=tree)
+        details.update(scores)
+        details["cut"] = "silhouette" if h is not None else "fallback"
+        details["threshold"] = float(fallback_threshold) if h is None else h
+    thr = details["threshold"]
     if n <= max_exact:
         details["method"] = "agglomerative"
-        lab = _average_linkage(x, thr)
+        lab = np.zeros(n, dtype=np.int64) if tree is None else _cut(tree, thr)
     else:
         details["method"] = "threshold-graph components + agglomerative per component"
-        limit = 1.0 - (thr + EMBEDDING_EPS)  # a superset of the < thr pairs, never fewer
-        comp = close_pair_components(x, lambda a, b: (a @ b.T) >= limit, block)
-        ids, inv, counts = np.unique(comp, return_inverse=True, return_counts=True)
-        members = np.split(np.argsort(inv, kind="stable"), np.cumsum(counts)[:-1])
-        rng = np.random.default_rng(random_state)
-        lab = np.full(n, -1, dtype=np.int64)
-        nxt, approx = 0, 0
-        for idx in members:  # one iteration per component, not per face
-            if len(idx) < 2:
-                continue
-            if len(idx) <= max_exact:
-                sub = _average_linkage(x[torch.from_numpy(idx).to(x.device)], thr)
-            else:
-                sub = _sample_then_assign(x[torch.from_numpy(idx).to(x.device)], thr, max_exact, rng)
-                approx += 1
-            lab[idx] = np.where(sub >= 0, sub + nxt, -1)
-            nxt += int(sub.max()) + 1
-        details["components"] = int(len(ids))
-        details["approximate"] = approx
+        lab = _large_cut(x, thr, max_exact, block, rng, details)
     valid = lab >= 0
     if valid.any():  # groups of one face are unassigned
         sizes = np.bincount(lab[valid])
         lab = np.where(valid & (sizes[np.where(valid, lab, 0)] > 1), lab, -1)
     note = "one face: nothing to group it with" if n == 1 else ""
+    if details["cut"] == "fallback" and n > 2:  # 2 faces: plainly too few to choose from
+        note = f"no cut of the {n} faces' tree could be scored (too alike); cut at {thr:g}"
     return _finish_groups(x, lab, details, note)
 
 

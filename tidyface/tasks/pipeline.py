@@ -403,17 +403,17 @@ class GroupOptions:
 
 def group(embeddings: Tensor, options: GroupOptions, encoder_spec=None,
           references: Callable[[], tuple[Tensor, list[str]]] | None = None) -> gp.Grouping:
-    """The group step over L2-normalised embeddings. auto mode's threshold defaults to the
-    encoder's (spec.defaults.group_threshold); classify calls references() for the people's
-    embeddings and names."""
+    """The group step over L2-normalised embeddings. auto mode chooses its cut from the data
+    (grouping.choose_cut), or cuts at options.auto_thr when given; the encoder's
+    spec.defaults.group_threshold serves only where no cut can be chosen (2 faces, all alike).
+    classify calls references() for the people's embeddings and names."""
     if options.mode == "cluster":
         return gp.cluster(embeddings, options.clusters, random_state=options.random_state,
                           save_all=options.clusters_save_all)
     if options.mode == "auto":
-        thr = options.auto_thr
-        if thr is None and encoder_spec is not None:
-            thr = encoder_spec.defaults.group_threshold
-        return gp.auto(embeddings, gp.AUTO_THRESHOLD if thr is None else thr)
+        fallback = encoder_spec.defaults.group_threshold if encoder_spec is not None else None
+        return gp.auto(embeddings, options.auto_thr,
+                       fallback_threshold=gp.AUTO_THRESHOLD if fallback is None else fallback)
     ref_emb, ref_labels = references()
     return gp.classify(embeddings, ref_emb, ref_labels, options.enc_oth_thr)
 
