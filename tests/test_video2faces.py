@@ -279,6 +279,45 @@ def test_every_saved_face_carries_its_crop_matrix(video2_run):
     assert not wanted
 
 
+def test_live_style_with_yolov3_wider_end_to_end_on_random_weights(tmp_path, monkeypatch):
+    """--det-model yolov3_wider (boxes only) under --style live: mobilefacenet is aligned on the
+    box (no 5 points), the whole run works. The real .weights is not on these machines: a random
+    one in darknet's layout goes into a mirror with test_yolov3's face cfg, whose bytes are not
+    sthanhng's (its sha256 is made unknown here, as the .weights' is upstream)."""
+    import dataclasses
+
+    from test_attributes import _photo_video
+    from test_yolov3 import face_cfg, random_weights
+
+    from tidyface import registry
+    from tidyface.cache import ModelCache
+
+    entry = registry.get("yolov3_wider")
+    cfg, w = entry.spec.files
+    spec = dataclasses.replace(entry.spec, files=(dataclasses.replace(cfg, sha256=None, size=None), w))
+    monkeypatch.setitem(registry._MODELS, "yolov3_wider", dataclasses.replace(entry, spec=spec))
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / cfg.filename).write_text(face_cfg())
+    (mirror / w.filename).write_bytes(random_weights())
+    monkeypatch.setenv("TIDYFACE_MIRROR", f"{mirror}:{os.environ.get('TIDYFACE_MIRROR', '')}")
+    monkeypatch.setenv("TIDYFACE_HOME", str(tmp_path / "home"))
+    video = _photo_video(tmp_path / "live.mp4", ["insightface_wheel/t1.jpg", "deepface_pairs/img1.jpg"],
+                         size=(416, 320), seconds=1)
+    out = tmp_path / "out"
+    # random weights score every anchor; above 0.6 a few dozen boxes are left (test_yolov3.MIN_SCORE)
+    summary = video_to_faces(str(video), models=ModelCache(), out_dir=str(out), det_model="yolov3_wider",
+                             det_min_score=0.6, det_min_size=8, det_min_border=0)
+    assert summary["frames"] == 2 and not summary["failed"]
+    man = json.loads((out / ".tidyface/manifest.json").read_text())
+    assert man["detection"]["det_model"] == "yolov3_wider" and man["detection"]["enc_model"] == "mobilefacenet"
+    table = np.load(out / ".tidyface/video_01.npz", allow_pickle=True)
+    assert len(table["boxes"]) == summary["faces"] > 0 and table["embeddings"].shape[1] == 128
+    assert table["landmarks"].shape[1] == 0  # boxes only
+    for r in rows(out):
+        assert (out / r["file"]).is_file()
+
+
 def test_anime_style_end_to_end_on_random_weights(tmp_path, monkeypatch):
     """--style anime with its files present (random weights written in the upstream formats
     into a mirror: the real ones are not on these machines): faster_rcnn_anime boxes, box crops

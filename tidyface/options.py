@@ -560,19 +560,16 @@ class Video2FacesOptions(PartGroupFlags, GroupingFlags, Common):
     save_dupes: bool = flag(False, "write duplicates to intermediate/dupes1|2 with log_dupes1|2.csv.")
     overwrite: bool = flag(False, "replace the results of an earlier run in the output folder.")
 
-    STYLE_DEFAULTS: typing.ClassVar[dict] = {
-        "live": {"det_model": "retinaface_mnet025", "enc_model": "mobilefacenet"},
-        # video-to-faces' anime models: hysts' Faster R-CNN and animesion's ViT-B/16 (box crops)
-        "anime": {"det_model": "faster_rcnn_anime", "enc_model": "vit_anime_b16"}}
-
     def check(self):
         if not self.input and not (self.mode == "grouping" and self.out_dir):
             raise UsageError("usage: tidyface video2faces VIDEO|FOLDER|LIST.txt [flags] "
                              "(--mode grouping: --out-dir DIR is enough)")
-        for k, v in self.STYLE_DEFAULTS[self.style].items():
-            if getattr(self, k) is None:
-                setattr(self, k, v)
-                check_model(v, "detect" if k == "det_model" else "embed", flag_name(k))
+        for k, task in (("det_model", "detect"), ("enc_model", "embed")):
+            if getattr(self, k) is None:  # the style's model, as the registry's data says
+                from .registry import style_default
+
+                setattr(self, k, style_default(self.style, task))
+                check_model(getattr(self, k), task, flag_name(k))
         if not self.video_step > 0:
             raise UsageError(f"--video-step must be > 0 seconds, got {self.video_step}")
         for name, n in (("video_fragment", 2), ("video_area", 4), ("det_scale", 4)):

@@ -81,13 +81,15 @@ class TaskDefaults:
     None: full resolution). group_threshold: the average-linkage cosine distance that
     `group --mode auto` cuts an encoder's embeddings at. hash_confirm: the cosine distance
     under which the encoder's embeddings confirm that two faces the average hash links are
-    the same person, before dedup drops one (tasks/dedup.py)."""
+    the same person, before dedup drops one (tasks/dedup.py). styles: the video styles (live,
+    anime) that use this model for its task when none is named (`style_default`)."""
 
     min_score: float | None = None
     nms_iou: float | None = None
     max_size: int | None = None
     group_threshold: float | None = None
     hash_confirm: float | None = None
+    styles: tuple[str, ...] = ()
 
 
 FIVE_POINTS = "left eye, right eye, nose, left mouth corner, right mouth corner (as seen in the image)"
@@ -169,6 +171,32 @@ def get(name: str) -> ModelEntry:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(_MODELS))} "
                        "(`tidyface models` lists them)")
     return _MODELS[name]
+
+
+def style_default(style: str, task: str) -> str:
+    """The model that `style` (video2faces --style: live, anime) uses for `task` when none is
+    named: the registered model whose defaults.styles holds the style, a built-in one before a
+    plugin's. Built-in modules are imported only until it is found, so the live defaults cost
+    no more imports than naming them."""
+    def pick(builtin_only: bool) -> str | None:
+        found = sorted((e.source != "tidyface", n) for n, e in _MODELS.items()
+                       if e.spec.task == task and style in e.spec.defaults.styles
+                       and (e.source == "tidyface" or not builtin_only))
+        return found[0][1] if found else None
+
+    for mod in _BUILTIN_MODULES:
+        if pick(builtin_only=True):
+            break
+        if mod not in _imported:
+            _imported.add(mod)
+            importlib.import_module(mod)
+    name = pick(builtin_only=False)
+    if name is None:
+        _load_plugins()
+        name = pick(builtin_only=False)
+    if name is None:
+        raise KeyError(f"no {task} model is registered for style {style!r}")
+    return name
 
 
 def list_models(task: str | None = None) -> list[ModelEntry]:

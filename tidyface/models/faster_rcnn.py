@@ -350,7 +350,9 @@ register(
         origin="hysts/anime-face-detector",
         converter=_convert,
         meta=ModelMeta(colour="RGB", mean=MEAN, std=STD, num_params=41_348_181),
-        defaults=TaskDefaults(min_score=DEFAULT_MIN_SCORE, nms_iou=DEFAULT_NMS_IOU, max_size=SCALE[0]),
+        # video-to-faces' anime detector, so video2faces --style anime's
+        defaults=TaskDefaults(min_score=DEFAULT_MIN_SCORE, nms_iou=DEFAULT_NMS_IOU, max_size=SCALE[0],
+                              styles=("anime",)),
         description="Faster R-CNN R50-FPN (mmdet) anime face detector, boxes only",
     ),
     FasterRCNN,

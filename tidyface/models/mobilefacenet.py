@@ -184,7 +184,7 @@ register(
         # hash_confirm: on Video_2's 122 labelled faces different people are never closer than
         # 0.454 (0.64 among pairs within 8 hash bits), and 72% of same-person pairs within 8
         # bits are under 0.4 (tests/test_dedup_real.py)
-        defaults=TaskDefaults(group_threshold=0.65, hash_confirm=0.4),
+        defaults=TaskDefaults(group_threshold=0.65, hash_confirm=0.4, styles=("live",)),
         description="MobileFaceNet (foamliu, MS1M subset), 128-d embeddings of 112x112 ArcFace crops",
     ),
     MobileFaceNet,

@@ -340,9 +340,9 @@ def _meta(num_params: int) -> ModelMeta:
                      num_params=num_params)
 
 
-def _defaults(backbone: str) -> TaskDefaults:
+def _defaults(backbone: str, styles: tuple[str, ...] = ()) -> TaskDefaults:
     return TaskDefaults(min_score=DEFAULT_MIN_SCORE, nms_iou=DEFAULT_NMS_IOU,
-                        max_size=DEFAULT_MAX_SIZE[backbone])
+                        max_size=DEFAULT_MAX_SIZE[backbone], styles=styles)
 
 
 # The facexlib and clibdev release files are byte-identical copies of biubug6's Google Drive files
@@ -358,7 +358,7 @@ register(
         license="MIT",
         origin="biubug6/Pytorch_Retinaface",
         converter=_converter("mobilenet0.25_Final.pth"),
-        meta=_meta(426_608), defaults=_defaults("mobilenet0.25"),
+        meta=_meta(426_608), defaults=_defaults("mobilenet0.25", styles=("live",)),
         description="RetinaFace MobileNet-0.25 (WIDER FACE), boxes + 5 landmarks",
     ),
     partial(RetinaFace, "mobilenet0.25"),

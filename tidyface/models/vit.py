@@ -13,6 +13,7 @@ to 128x128 by cv2.dnn.blobFromImages and fed RGB as (x - 127.5)/127.5).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
@@ -204,7 +205,8 @@ def _register() -> None:
             meta=ModelMeta(input_size=(INPUT_SIZE, INPUT_SIZE), mean=tuple(255 * m for m in MEAN),
                            std=tuple(255 * s for s in STD), template="box", embedding_dim=width,
                            num_params=params),
-            defaults=_DEFAULTS,
+            # B/16: video-to-faces' default anime encoder (L/16 has 3.5x its parameters)
+            defaults=_DEFAULTS if name != "vit_anime_b16" else replace(_DEFAULTS, styles=("anime",)),
             description=f"animesion ViT-{name[-3:].upper()} (DAF:re faces), {width}-d embeddings of "
                         f"128x128 anime face boxes (the checkpoint's 3263-character classifier is "
                         f"dropped); sha256 and size not published (video-to-faces lists {listed})"),
