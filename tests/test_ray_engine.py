@@ -199,6 +199,24 @@ def test_ray_flags_need_the_ray_engine():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray not installed (pip install ray)")
+def test_ray_workers_may_have_the_gpu_the_driver_lacks(monkeypatch):
+    """--device cuda names the workers' device under --engine ray: checked as a device name only,
+    and the driver's own models (grouping, references) fall back to the CPU where it has no GPU."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="--device cuda: no CUDA GPU is available here"):
+        Video2FacesOptions(input="x.mp4", device="cuda")
+    o = Video2FacesOptions(input="x.mp4", device="cuda", engine="ray", worker_gpus=1)
+    assert o.device == "cuda" and o.driver_device() == "cpu"
+    assert Video2FacesOptions(input="x.mp4", device="cpu", engine="ray").driver_device() == "cpu"
+    with pytest.raises(UsageError, match="--device cuda with --engine ray: give --worker-gpus"):
+        Video2FacesOptions(input="x.mp4", device="cuda", engine="ray")
+    with pytest.raises(UsageError, match="not a torch device"):
+        Video2FacesOptions(input="x.mp4", device="gpu0", engine="ray", worker_gpus=1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray not installed (pip install ray)")
 def test_the_local_path_never_imports_ray(tmp_path):
     video = need(MEDIA / "videos/facenet_pytorch_video.mp4")
     code = ("import sys; from tidyface.tasks.video2faces import video_to_faces; "

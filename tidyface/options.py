@@ -74,9 +74,9 @@ def coerce(value, hint, name: str):
     return value
 
 
-def _check_field(f: dataclasses.Field, value) -> None:
+def _check_field(f: dataclasses.Field, value, devices_here: bool = True) -> None:
     """The declared rules of one field (flag metadata): a range, choices, a model of a task,
-    a device."""
+    a device (present on this machine unless devices_here is False: other machines run it)."""
     m, name = f.metadata, flag_name(f.name)
     if value is None or (value == m.get("off") and "off" in m):
         return
@@ -91,7 +91,7 @@ def _check_field(f: dataclasses.Field, value) -> None:
     if "model" in m:
         check_model(value, m["model"], name)
     if m.get("device"):
-        check_device(value)
+        check_device(value, here=devices_here)
 
 
 def check_model(model: str, task: str, name: str) -> None:
@@ -109,13 +109,16 @@ def check_model(model: str, task: str, name: str) -> None:
         raise UsageError(f"{name}: {other}the {task} models are {', '.join(names)} (`tidyface models`)")
 
 
-def check_device(device: str) -> None:
+def check_device(device: str, here: bool = True) -> None:
+    """A torch device name, and (here) one this machine has."""
     import torch
 
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
         raise UsageError(f"--device {device}: not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if not here:
+        return
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -132,12 +135,17 @@ class Options:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
             value = coerce(getattr(self, f.name), hints[f.name], f.name)
-            _check_field(f, value)
+            _check_field(f, value, self.devices_here())
             setattr(self, f.name, value)
         self.check()
 
     def check(self) -> None:
         pass
+
+    def devices_here(self) -> bool:
+        """Whether --device names a device of this machine (False where other machines run the
+        models: video2faces --engine ray)."""
+        return True
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -604,6 +612,20 @@ class Video2FacesOptions(PartGroupFlags, GroupingFlags, Common):
         if not all(v > 0 for v in self.det_scale):
             raise UsageError(f"--det-scale needs 4 numbers > 0 (SL,SR,SU,SD), got {self.det_scale}")
 
+    def devices_here(self) -> bool:
+        return self.engine != "ray"  # the workers' machines run the detectors and encoders
+
+    def driver_device(self) -> str | None:
+        """The device of the models this process runs itself (grouping, references): --device,
+        except with --engine ray on a machine without it (the workers have the GPUs), then cpu."""
+        if self.devices_here() or self.device is None:
+            return self.device
+        try:
+            check_device(self.device)
+        except UsageError:
+            return "cpu"
+        return self.device
+
     def _check_engine(self) -> None:
         if self.video_device != "cpu":
             import torch
@@ -620,6 +642,10 @@ class Video2FacesOptions(PartGroupFlags, GroupingFlags, Common):
                 raise UsageError(f"--video-device {self.video_device}: no CUDA GPU is available here; use cpu")
         if self.engine == "ray" and not _importable("ray"):  # before any work, without importing it
             raise UsageError('--engine ray needs Ray: pip install "tidyface[ray]"')
+        on_gpu = [f"{flag_name(k)} {v}" for k in ("device", "video_device") if str(v := getattr(self, k)).startswith("cuda")]
+        if self.engine == "ray" and on_gpu and not self.worker_gpus:
+            raise UsageError(f"{' and '.join(on_gpu)} with --engine ray: give --worker-gpus (e.g. 1, or 0.5 for two "
+                             f"workers per GPU) so that Ray gives each worker a GPU")
         ray_flags = {"ray_address": None, "workers": 0, "worker_cpus": 1.0, "worker_gpus": 0.0}
         if self.engine == "local" and any(getattr(self, k) != v for k, v in ray_flags.items()):
             used = [flag_name(k) for k, v in ray_flags.items() if getattr(self, k) != v]
