@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from ..convert import check_complete
 from ..convert.dlib_dnn import Link, read_network
 from ..ops.align import TEMPLATES, invert, umeyama
+from ..ops.image import check_crops
 from ..registry import ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
 from ..types import Detections
 from .base import Encoder
@@ -119,9 +120,7 @@ def preprocess(images: Tensor, mean=MEAN) -> Tensor:
     in float32 as dlib's input layer computes it. Float pixels are floored first: dlib's chips
     are 8-bit, its bilinear samples truncated, so a float warp of the same geometry floored is
     dlib's chip (tests/test_dlib_resnet.py: descriptors up to 0.011 apart unfloored, 0.0004 floored)."""
-    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (INPUT_SIZE, INPUT_SIZE):
-        raise ValueError(f"dlib's ResNet takes RGB (B,3,{INPUT_SIZE},{INPUT_SIZE}) chips, "
-                         f"got {tuple(images.shape)}")
+    check_crops(images, INPUT_SIZE, "dlib's ResNet takes RGB")
     x = images.float() if not images.is_floating_point() else torch.floor(images)
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / SCALE

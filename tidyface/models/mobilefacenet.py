@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..convert import check_complete, load_torch_file, rename_keys
-from ..ops.image import normalise
+from ..ops.image import check_crops, normalise
 from ..registry import ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
 from .base import Encoder
 
@@ -130,9 +130,7 @@ class MobileFaceNet(nn.Module, Encoder):
 
 def preprocess(images: Tensor) -> Tensor:
     """RGB (B,3,112,112) in 0..255 (aligned onto the ArcFace template) -> the network's input."""
-    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (INPUT_SIZE, INPUT_SIZE):
-        raise ValueError(f"MobileFaceNet takes RGB (B,3,{INPUT_SIZE},{INPUT_SIZE}) crops, "
-                         f"got {tuple(images.shape)}")
+    check_crops(images, INPUT_SIZE, "MobileFaceNet takes RGB")
     x = images.float() if not images.is_floating_point() else images
     return normalise(x, MEAN, STD)
 

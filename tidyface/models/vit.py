@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..convert import check_complete, load_torch_file, rename_keys
-from ..ops.image import normalise
+from ..ops.image import check_crops, normalise
 from ..registry import ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
 from .base import Encoder
 
@@ -108,9 +108,7 @@ class VisionTransformer(nn.Module, Encoder):
 
 def preprocess(images: Tensor) -> Tensor:
     """RGB (B,3,128,128) in 0..255 (the face box stretched to 128x128) -> the network's input."""
-    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (INPUT_SIZE, INPUT_SIZE):
-        raise ValueError(f"the anime ViT takes RGB (B,3,{INPUT_SIZE},{INPUT_SIZE}) crops, "
-                         f"got {tuple(images.shape)}")
+    check_crops(images, INPUT_SIZE, "the anime ViT takes RGB")
     x = images if images.is_floating_point() else images.float()
     return normalise(x, MEAN, STD)
 

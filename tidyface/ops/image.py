@@ -102,6 +102,14 @@ def _images_under(folder: Path, exts) -> Iterator[Path]:
                 yield q
 
 
+def check_crops(images, size: int, what: str):
+    """A model's fixed-size input: RGB (B,3,size,size) crops, else a ValueError naming the model
+    (`what`: "MobileFaceNet takes RGB", ...) and the shape it got."""
+    if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
+        raise ValueError(f"{what} (B,3,{size},{size}) crops, got {tuple(images.shape)}")
+    return images
+
+
 def normalise(x, mean, std):
     """(x / 255 - mean) / std per channel of a (B,3,H,W) float tensor, mean and std on 0..1
     (the torchvision ToTensor + Normalize that ImageNet-trained networks were fed)."""
