@@ -90,7 +90,7 @@ PARITY = {"test_dlib_shape", "test_facenet", "test_mtcnn", "test_retinaface", "t
           "test_onnx_detectors", "test_esrgan", "test_landmarks_insightface",
           "test_dlib_resnet", "test_vit", "test_gfpgan", "test_yolov3",
           "test_faster_rcnn"}
-REAL_DATA = {"test_auto_grouping", "test_ray_engine", "test_anonymize", "test_attributes", "test_video2faces", "test_group", "test_verification", "test_detect", "test_plugin"}
+REAL_DATA = {"test_auto_grouping", "test_masks", "test_ray_engine", "test_anonymize", "test_attributes", "test_video2faces", "test_group", "test_verification", "test_detect", "test_plugin"}
 REAL_DATA_FIXTURES = {"real_run", "video2_run"}
 
 

@@ -399,7 +399,37 @@ class EnhanceOptions(Common):
 
 
 @dataclass
-class EmbedOptions(Common):
+class EncoderRegionFlags(Options):
+    """The part of each aligned face the encoder sees (embed, group, video2faces)."""
+
+    enc_region: str = flag("full", "full, or upper: everything below each face's nose tip blanked (masked "
+                                   "or occluded faces; see README, Masked faces).", choices=("full", "upper"))
+
+    def check_region(self, det_model: str | None, enc_model: str | None, enc_area, cropped: bool = False) -> None:
+        """--enc-region upper needs aligned crops: face points, no --enc-area, an aligned encoder."""
+        if self.enc_region == "full":
+            return
+        from .registry import get
+
+        if enc_area is not None:
+            raise UsageError("--enc-region upper blanks an aligned crop; --enc-area embeds the box unaligned: use one")
+        if cropped:
+            raise UsageError("--enc-region upper needs each face's points; --cropped faces have none")
+        if det_model and not get(det_model).spec.meta.num_landmarks:
+            raise UsageError(f"--enc-region upper finds the nose tip from the face's points; --det-model "
+                             f"{det_model} gives none (use e.g. retinaface_mnet025)")
+        if enc_model and get_template(enc_model) == "box":
+            raise UsageError(f"--enc-region upper needs an aligned encoder; --enc-model {enc_model} takes box crops")
+
+    def check_masked(self, masked: bool, enc_model: str | None, enc_area) -> None:
+        """--masked draws the masks on aligned reference crops."""
+        if masked and (enc_area is not None or (enc_model and get_template(enc_model) == "box")):
+            raise UsageError("--masked draws masks on aligned reference crops; --enc-area and box-crop encoders "
+                             "embed boxes unaligned: use one")
+
+
+@dataclass
+class EmbedOptions(EncoderRegionFlags, Common):
     out: str | None = flag(None, "the .npz to write (required): one row per face (tidyface.read_faces).")
     model: str = flag("facenet_casia_tf", ENCODER, model="embed")
     det_model: str = flag("retinaface_mnet025", DETECTOR, model="detect")
@@ -412,6 +442,7 @@ class EmbedOptions(Common):
         if not self.out:
             raise UsageError("give --out FILE.npz")
         self.enc_area = parse_area(self.enc_area)
+        self.check_region(self.det_model, self.model, self.enc_area)
 
 
 @dataclass
@@ -427,10 +458,14 @@ class GroupingFlags(Options):
     auto_thr: float | None = flag(None, "auto mode: cut the average-linkage tree at this cosine distance "
                                         "instead of choosing the cut from the data.", range=DISTANCE)
     group_log: bool = flag(False, "also write the distances behind each decision.")
+    masked: bool = flag(False, "classify mode: each reference also wears synthetic masks (surgical, cloth, "
+                               "N95), so masked faces match their person; see README, Masked faces.")
 
     def grouping(self, mode: str):
         from .tasks.pipeline import GroupOptions
 
+        if self.masked and mode != "classify":
+            raise UsageError("--masked adds masked reference faces: only in classify mode (with --ref-dir)")
         try:
             return GroupOptions(mode, self.clusters, self.clusters_save_all, self.random_state,
                                 self.auto_thr, self.enc_oth_thr).check()
@@ -439,7 +474,7 @@ class GroupingFlags(Options):
 
 
 @dataclass
-class GroupCommandOptions(GroupingFlags, Common):
+class GroupCommandOptions(EncoderRegionFlags, GroupingFlags, Common):
     path: str | None = flag(None, "a folder (searched recursively) of photos, or of face crops with --cropped.",
                             positional=True)
     out: str | None = flag(None, "the output folder (required); must be empty, or a previous result with "
@@ -468,6 +503,15 @@ class GroupCommandOptions(GroupingFlags, Common):
         if self.mode == "classify" and not self.ref_dir:
             raise UsageError("--mode classify needs --ref-dir (one subfolder of reference images per person)")
         self.enc_area = parse_area(self.enc_area)
+        self.check_region(self.det_model, self.enc_model, self.enc_area, self.cropped)
+        self.check_masked(self.masked, self.enc_model, self.enc_area)
+
+
+def get_template(model: str) -> str | None:
+    """The template an encoder's crops are aligned onto ("box": unaligned box crops)."""
+    from .registry import get
+
+    return get(model).spec.meta.template
 
 
 def parse_area(area) -> tuple[float, float, float, float] | None:
@@ -508,7 +552,7 @@ def parse_floats(value, n: int, name: str) -> tuple | None:
 
 
 @dataclass
-class Video2FacesOptions(PartGroupFlags, GroupingFlags, Common):
+class Video2FacesOptions(EncoderRegionFlags, PartGroupFlags, GroupingFlags, Common):
     input: str | None = flag(None, "a video, a folder of videos (see --input-ext) or a .txt list of paths.",
                              positional=True)
     out_dir: str | None = flag(None, "output folder (default: INPUT_faces beside the input).")
@@ -587,6 +631,8 @@ class Video2FacesOptions(PartGroupFlags, GroupingFlags, Common):
             raise UsageError(f"--out-prefix {self.out_prefix!r}: a prefix of file names cannot hold / \\ : or "
                              f"start with a dot (the faces stay inside --out-dir)")
         self.enc_area = parse_area(self.enc_area)
+        self.check_region(self.det_model, self.enc_model, self.enc_area)
+        self.check_masked(self.masked, self.enc_model, self.enc_area)
         self._check_engine()
         self.grouping(self.group_mode)
         if self.routing().active and self.mode != "detection":  # refused before any work
@@ -661,6 +707,8 @@ class Video2FacesOptions(PartGroupFlags, GroupingFlags, Common):
         sig = {k: (list(v) if isinstance(v := getattr(self, k), tuple) else v) for k in self.DETECTION_KEYS}
         if self.chunk_minutes:  # chunks are their own manifest entries; whole-video runs keep the old signature
             sig["chunk_minutes"] = self.chunk_minutes
+        if self.enc_region != "full":  # the stored crops and embeddings are the region's
+            sig["enc_region"] = self.enc_region
         return sig
 
 

@@ -22,11 +22,11 @@ DEFAULT_ENCODER = "facenet_casia_tf"
 
 
 def embed_images(items: Iterable[tuple[object, np.ndarray]], encoder, detector, *, min_score=None,
-                 batch_size: int = 32, det_batch_size: int = 8, area=None
+                 batch_size: int = 32, det_batch_size: int = 8, area=None, region: str = "full"
                  ) -> Iterator[tuple[object, np.ndarray, Faces]]:
-    """detect -> align -> embed over (key, RGB image) items. Yields (key, image, Faces with
-    embeddings, on the encoder's device) per image, in input order."""
-    geometry = pl.encoder_geometry(encoder, area)
+    """detect -> align -> embed over (key, RGB image) items (region: pl.encoder_geometry's).
+    Yields (key, image, Faces with embeddings, on the encoder's device) per image, in input order."""
+    geometry = pl.encoder_geometry(encoder, area, region)
     dev = model_device(encoder)
     for key, img, dets in pl.detect_stream(items, detector, min_score=min_score, batch_size=det_batch_size):
         faces = pl.align([pl.as_chw(img, dev)], dets, geometry)  # 8-bit: the warp reads only the faces
@@ -35,7 +35,7 @@ def embed_images(items: Iterable[tuple[object, np.ndarray]], encoder, detector, 
 
 def embed(paths: Sequence[str | os.PathLike], model: str = DEFAULT_ENCODER, det_model: str = "retinaface_mnet025",
           min_score=None, device=None, batch_size: int = 32, enc_area=None, weights_dir=None,
-          models: ModelCache | None = None, failed: list | None = None) -> FaceTable:
+          models: ModelCache | None = None, failed: list | None = None, enc_region: str = "full") -> FaceTable:
     """Embed every face in images, folders (recursive) and .txt lists; unreadable files are
     warned about, skipped (and appended to `failed`). Returns the FaceTable (one row per face)."""
     encoder, detector = load_models(models, device, weights_dir, model, det_model)
@@ -43,7 +43,8 @@ def embed(paths: Sequence[str | os.PathLike], model: str = DEFAULT_ENCODER, det_
     parts = []
     with progress(len(files), "img", "embed") as bar:
         for path, _, faces in embed_images(readable(files, failed), encoder, detector, min_score=min_score,
-                                           batch_size=batch_size, area=parse_area(enc_area)):
+                                           batch_size=batch_size, area=parse_area(enc_area),
+                                           region=enc_region):
             parts.append(FaceTable.from_faces(faces, source=[str(path)] * len(faces)))
             bar.update(1)
     dim = encoder.spec.meta.embedding_dim
@@ -64,7 +65,7 @@ def run_embed(paths: Sequence[str], o: EmbedOptions, models: ModelCache | None =
         return 1
     failed: list[Path] = []
     table = embed(paths, o.model, o.det_model, o.min_score, o.device, o.batch_size, o.enc_area,
-                  o.weights_dir, models, failed)
+                  o.weights_dir, models, failed, o.enc_region)
     table.save(out)
     print(f"tidyface: {len(table)} faces from {len(set(table.source.tolist()))} images -> {out}"
           + (f"; {len(failed)} unreadable" if failed else ""), file=sys.stderr)

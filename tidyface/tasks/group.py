@@ -78,7 +78,7 @@ def collect_photo_faces(files: list[Path], names: dict[Path, str], stage: Path, 
     parts, failed = [], []
     bar = tqdm(total=len(files), unit="img", desc="faces", file=sys.stderr, disable=None)
     for path, img, faces in embed_images(readable(files, failed), encoder, detector, min_score=o.det_min_score,
-                                         batch_size=o.batch_size, area=o.enc_area):
+                                         batch_size=o.batch_size, area=o.enc_area, region=o.enc_region):
         bar.update(1)
         if len(faces) == 0:
             continue
@@ -137,7 +137,7 @@ class GroupResult:
 def _group_kept(table: FaceTable, kept: np.ndarray, o: GroupCommandOptions, encoder, detector) -> gp.Grouping:
     def references():
         return pl.reference_embeddings(Path(o.ref_dir), encoder, detector, min_score=o.det_min_score,
-                                       area=o.enc_area)
+                                       area=o.enc_area, region=o.enc_region, masked=o.masked)
 
     grouping = pl.group(torch.from_numpy(table.embeddings[kept]), o.grouping(o.mode), encoder.spec, references)
     if grouping.note:

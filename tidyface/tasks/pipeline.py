@@ -166,7 +166,56 @@ class BoxArea:
         return m
 
 
-Geometry = Alignment | BoxSquare | BoxArea
+def crop_points(points: Tensor | None, mats: Tensor, fallback: Tensor) -> Tensor:
+    """(N,K,2) float64: face points (N,K,2) in image pixels moved into their crops (image->crop
+    `mats`); a face without points (NaN, or None for all) gets `fallback` (5,2), the template
+    points its box was framed onto (then every face has its 5 points)."""
+    from ..ops.align import transform_points
+    from ..ops.markup import reduce_to_five
+
+    if points is None or points.shape[1] == 0:
+        return fallback.to(mats.device, torch.float64).expand(len(mats), -1, -1).clone()
+    pts = transform_points(points.to(mats.device, torch.float64), mats)
+    bad = ~torch.isfinite(pts).flatten(1).all(1)
+    if bool(bad.any()) and pts.shape[1] != fallback.shape[0]:
+        return crop_points(reduce_to_five(points.to(torch.float64)), mats, fallback)
+    pts[bad] = fallback.to(pts)
+    return pts
+
+
+@dataclass(frozen=True)
+class UpperFace:
+    """An encoder's aligned crops (`base`) with everything below each face's nose tip blanked
+    (filled with the mean colour of the part above; ops.masks.keep_upper_face): embeddings of
+    the eyes, brows and upper nose, which a mask or a hand over the mouth leaves. The crop keeps
+    the encoder's own geometry: blanking beat zooming the upper part onto the whole crop
+    (mobilefacenet, masked deepface pairs: ROC AUC 0.996 against 0.877; benchmarks/eval_masked.py)."""
+
+    base: Alignment
+    fill: str = "mean"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.base.size
+
+    def matrices(self, dets: Detections) -> Tensor:
+        return self.base.matrices(dets)
+
+    def finish(self, crops: Tensor, mats: Tensor, dets: Detections) -> Tensor:
+        from ..ops.masks import keep_upper_face
+
+        return keep_upper_face(crops, crop_points(dets.five_points(), mats, self.base.points), self.fill)
+
+
+Geometry = Alignment | BoxSquare | BoxArea | UpperFace
+ENC_REGIONS = ("full", "upper")
+
+
+def finish_crops(geometry, crops: Tensor, mats: Tensor, dets: Detections) -> Tensor:
+    """The crops as `geometry` leaves them after the warp (UpperFace blanks below the nose); a
+    task that cuts crops itself through geometry's matrices calls it too."""
+    finish = getattr(geometry, "finish", None)
+    return crops if finish is None or not len(crops) else finish(crops, mats, dets)
 
 
 # ----------------------------------------------------------------------------- align / crop
@@ -220,7 +269,7 @@ def align(images: Sequence[Tensor], dets: Detections, geometry: Geometry, paddin
     dev = images[0].device
     mats = geometry.matrices(dets.to(dev))
     crops = cut(images, mats, dets.image_index, geometry.size, padding, fill)
-    return Faces(crops, mats, dets.to(dev))
+    return Faces(finish_crops(geometry, crops, mats, dets.to(dev)), mats, dets.to(dev))
 
 
 def slice_boxes(boxes: Tensor, w: int, h: int, scale: Sequence[float], square: bool) -> Tensor:
@@ -256,17 +305,23 @@ def slice_matrices(slices: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- embed
 
-def encoder_geometry(encoder, area: Sequence[float] | None = None) -> Geometry:
+def encoder_geometry(encoder, area: Sequence[float] | None = None, region: str = "full") -> Geometry:
     """The crops an encoder's weights expect (spec.meta): aligned onto its template, or with
     `area` (or the template "box": anime encoders, whose faces have no points) the box region
-    stretched to its input size."""
+    stretched to its input size. region "upper": the aligned crop blanked below the nose tip
+    (UpperFace), for any aligned encoder."""
     from ..ops.align import template_for
 
+    if region not in ENC_REGIONS:
+        raise ValueError(f"encoder region must be full or upper, got {region!r}")
     meta = encoder.spec.meta
     size = tuple(meta.input_size)
     if area is not None or meta.template == "box":
+        if region != "full":
+            raise ValueError("the upper-face region needs aligned crops (face points), not a box area")
         return BoxArea(size, tuple(area) if area is not None else (0.0, 0.0, 1.0, 1.0))
-    return Alignment(size, template_for(size, meta.template or "arcface", meta.face_factor))
+    aligned = Alignment(size, template_for(size, meta.template or "arcface", meta.face_factor))
+    return UpperFace(aligned) if region == "upper" else aligned
 
 
 @torch.inference_mode()
@@ -418,13 +473,30 @@ def group(embeddings: Tensor, options: GroupOptions, encoder_spec=None,
     return gp.classify(embeddings, ref_emb, ref_labels, options.enc_oth_thr)
 
 
+def masked_crops(faces: Faces, geometry: Geometry) -> Tensor:
+    """(S*N,3,h,w): each aligned crop of `faces` wearing each synthetic mask of ops.masks.SHAPES
+    (shape-major), drawn from the face's points in the crop (the template's where it has none)."""
+    from ..ops.masks import SHAPES, draw_masks
+
+    base = geometry.base if isinstance(geometry, UpperFace) else geometry
+    if not isinstance(base, Alignment):
+        raise ValueError("synthetic masks need aligned crops (face points), not a box area")
+    pts = crop_points(faces.detections.landmarks, faces.crop_mat, base.points)
+    return torch.cat([finish_crops(geometry, draw_masks(faces.crops, pts, s), faces.crop_mat, faces.detections)
+                      for s in SHAPES])
+
+
 def reference_embeddings(ref_dir: Path, encoder, detector, *, min_score=None, area=None,
-                         batch_size: int = 32) -> tuple[Tensor, list[str]]:
+                         batch_size: int = 32, region: str = "full", masked: bool = False
+                         ) -> tuple[Tensor, list[str]]:
     """One embedding per reference image, labelled by its subfolder: its largest face. An image
     with no detectable face is left out with a warning naming it: embedded whole, a blank or
     non-face image became a "person" that drew faces to itself. Face crops need no exception:
     the detector finds the face in tight crops (every crop of Video_2's database, padded or not;
-    tests/test_dedup_real.py). A person left without a usable image is an InputError."""
+    tests/test_dedup_real.py). A person left without a usable image is an InputError.
+    region: encoder_geometry's. masked: each reference also wears each synthetic mask
+    (masked_crops), same label, so classify's min distance over a person's references matches a
+    masked face to the masked versions."""
     from ..errors import InputError
     from ..ops.image import expand_paths, read_image
     from .common import warn
@@ -442,7 +514,7 @@ def reference_embeddings(ref_dir: Path, encoder, detector, *, min_score=None, ar
                 warn(str(e))
     labels, embs = [], []
     dev = model_device(encoder)
-    geometry = encoder_geometry(encoder, area)
+    geometry = encoder_geometry(encoder, area, region)
     for (label, path), img, det in detect_stream(images, detector, min_score=min_score, batch_size=1):
         if not len(det):
             warn(f"{path}: no face found in this reference image; it is left out")
@@ -450,8 +522,9 @@ def reference_embeddings(ref_dir: Path, encoder, detector, *, min_score=None, ar
         b = det.boxes
         det = det.select(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).argmax().reshape(1))
         faces = align([as_chw(img, dev)], det, geometry)
-        embs.append(encode(encoder, faces.crops, batch_size).cpu())
-        labels.append(label)
+        crops = torch.cat([faces.crops, masked_crops(faces, geometry)]) if masked else faces.crops
+        embs.append(encode(encoder, crops, batch_size).cpu())
+        labels.extend([label] * len(crops))
     missing = [str(c) for c in classes if c.name not in set(labels)]
     if missing:
         raise InputError(f"{', '.join(missing)}: no usable reference image (none readable with a detectable "

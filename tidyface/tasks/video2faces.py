@@ -305,6 +305,7 @@ def enhance_small(found: FrameFaces, frames: list[torch.Tensor], enhancer, geome
     crop_in_picture = faces.crop_mat[small].to(torch.float64) @ invert(to_picture).to(faces.crop_mat.device)
     crops = pl.cut(list(pictures), crop_in_picture.to(pictures.device), torch.arange(len(small)),
                    geometry.size)
+    crops = pl.finish_crops(geometry, crops, faces.crop_mat[small], faces.detections.select(small))
     new_crops = faces.crops.clone()
     new_crops[small.to(new_crops.device)] = crops.to(new_crops)
     return replace(found, faces=replace(faces, crops=new_crops), enhanced=small.cpu(), pictures=pictures.cpu(),
@@ -485,7 +486,7 @@ def detect_video(path: Path, key: str, prefix: str, o: Video2FacesOptions, ws: W
     sink = FaceSink(path, prefix, ws, o, writer, encoder.spec.meta.embedding_dim)
     store = CropStore(ws.crops_path(key))
     embedder = Embedder(encoder, o, store)
-    geometry = pl.encoder_geometry(encoder, o.enc_area)
+    geometry = pl.encoder_geometry(encoder, o.enc_area, o.enc_region)
     bar = tqdm(total=source.expected_frames(info), unit="frame", desc=path.name[:30], file=sys.stderr,
                disable=None, leave=False)
     try:
@@ -640,7 +641,8 @@ def group_stage(o: Video2FacesOptions, ws: Workspace, manifest: dict, models: Mo
 
     def references():
         (detector,) = load_models(models, o.driver_device(), o.weights_dir, det["det_model"])
-        return pl.reference_embeddings(Path(o.ref_dir), encoder, detector, area=o.enc_area)
+        return pl.reference_embeddings(Path(o.ref_dir), encoder, detector, area=o.enc_area,
+                                       region=det.get("enc_region", "full"), masked=o.masked)
 
     outcome = pl.dedup(table, o.hash_thr, o.enc_dup_thr, fill, dd.hash_confirm_threshold(encoder.spec))
     kept = np.flatnonzero(outcome.keep)
