@@ -37,6 +37,12 @@ import torch
 from _paths import VIDEO
 
 
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages, printed with the tables (a shared machine)."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def read_frames(n: int) -> list[np.ndarray]:
     cap = cv2.VideoCapture(str(VIDEO))
     fps = cap.get(cv2.CAP_PROP_FPS)
@@ -245,6 +251,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     frames = read_frames(args.frames)
+    load = loadavg()
     print(f"{len(frames)} frames {frames[0].shape[1]}x{frames[0].shape[0]}, torch threads {args.threads}")
     if args.cpu_cost:
         cpu_cost(frames, args.threads, args.rounds)
@@ -260,7 +267,7 @@ def main():
         except Exception as e:  # report, do not hide, why a table is missing
             print(f"{name} rows skipped: {e.__class__.__name__}: {e}")
     print()
-    print("ms/frame: median over batches (mean over all frames)")
+    print(f"ms/frame: median over batches (mean over all frames); load {load} -> {loadavg()}")
     print("| detector | reference ms/frame | tidyface ms/frame | speed-up |")
     print("|---|---|---|---|")
     for r in rows:

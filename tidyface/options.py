@@ -95,13 +95,18 @@ def _check_field(f: dataclasses.Field, value, devices_here: bool = True) -> None
 
 
 def check_model(model: str, task: str, name: str) -> None:
-    """A registered model of the task, or the names that exist for it."""
-    from .registry import list_models
+    """A registered model of the task, or the names that exist for it. The name is looked up
+    first: that imports model modules only until it is found (start-up), where listing the task's
+    models imports all of them and scans the plugins."""
+    from .registry import get, list_models
 
+    try:
+        if get(model).spec.task == task:
+            return
+    except KeyError:
+        pass
     names = [e.spec.name for e in list_models(task)]
     if model not in names:
-        from .registry import get
-
         try:
             other = f"{model} is a {get(model).spec.task} model; "
         except KeyError:

@@ -29,7 +29,7 @@ from ..ops.resize import network_size, resize_bilinear, round_up
 from ..registry import FIVE_POINTS, ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
 from ..types import Detections
 from .base import Detector, PreparedImage
-from .folded import ConvReLU
+from .folded import Conv2d, ConvReLU, forward_by_image
 
 STRIDE = 4  # the heads' output stride
 PAD_TO = 32  # shape_transform: both sides rounded up to a multiple of 32
@@ -124,10 +124,10 @@ class CenterFace(nn.Module, Detector):
         self.neck = CenterFaceNeck()
         self.head = nn.Module()
         self.head.feat_conv = ConvReLU(WIDTH, WIDTH, 3)
-        self.head.pos_conv = nn.Conv2d(WIDTH, 1, 1)
-        self.head.reg_conv = nn.Conv2d(WIDTH, 2, 1)
-        self.head.off_conv = nn.Conv2d(WIDTH, 2, 1)
-        self.head.lm_conv = nn.Conv2d(WIDTH, 10, 1)
+        self.head.pos_conv = Conv2d(WIDTH, 1, 1)
+        self.head.reg_conv = Conv2d(WIDTH, 2, 1)
+        self.head.off_conv = Conv2d(WIDTH, 2, 1)
+        self.head.lm_conv = Conv2d(WIDTH, 10, 1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         f = self.head.feat_conv(self.neck(self.backbone(x)))
@@ -148,7 +148,7 @@ class CenterFace(nn.Module, Detector):
         x = resize_bilinear(images, (nh, nw))
         if x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        dets = postprocess(*self(x), DEFAULT_MIN_SCORE if min_score is None else min_score)
+        dets = postprocess(*forward_by_image(self, x), DEFAULT_MIN_SCORE if min_score is None else min_score)
         scale = torch.tensor([w / nw, h / nh], dtype=dets.boxes.dtype, device=dets.boxes.device)
         return Detections(dets.boxes * scale.repeat(2), dets.scores, dets.landmarks * scale, dets.image_index)
 

@@ -1,9 +1,27 @@
 """Layers of networks whose published weights are ONNX graphs with BatchNorm already folded
 into the convolutions (SCRFD, YuNet, CenterFace): a conv with a bias stands for upstream's
-conv + BN, so the converted weights load as they are and compute what the graph computes."""
+conv + BN, so the converted weights load as they are and compute what the graph computes.
+Also how the three run their 1x1 convolutions (Conv2d) and a batch (forward_by_image) on the CPU."""
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and keys) whose 1x1 convolutions of CPU float32 inference go
+    to oneDNN: PyTorch sends a 1x1 conv of fewer than 16 images on one thread to its im2col +
+    GEMM kernel instead (ConvParams::use_mkldnn), and these nets' thin 1x1 layers on large maps
+    run slower there (SCRFD-500M at 640, one thread: 82 against 61 ms, the same values up to
+    float rounding). Training, tracing and other devices keep PyTorch's own choice."""
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if (self.kernel_size == (1, 1) and self.padding_mode == "zeros" and x.device.type == "cpu"
+                and x.dtype == torch.float32 and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+                and torch.backends.mkldnn.is_available()):
+            return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(self.padding), list(self.stride),
+                                                     list(self.dilation), self.groups)
+        return super()._conv_forward(x, weight, bias)
 
 
 class ConvReLU(nn.Sequential):
@@ -13,7 +31,7 @@ class ConvReLU(nn.Sequential):
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1,
                  relu: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups)
+        self.conv = Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups)
         if relu:
             self.act = nn.ReLU(inplace=True)
 
@@ -25,3 +43,14 @@ class DepthwiseSeparable(nn.Sequential):
         super().__init__()
         self.depthwise = ConvReLU(cin, cin, 3, stride, groups=cin)
         self.pointwise = ConvReLU(cin, cout, 1)
+
+
+def forward_by_image(model: nn.Module, x: Tensor) -> tuple[Tensor, ...]:
+    """model(x) for a batch, run one image at a time on the CPU and concatenated on the batch
+    axis (the same values: no layer mixes images). At video sizes a batch's activations outgrow
+    the CPU caches: YuNet at 1280x736 cost 121 ms/frame at batch 8 against 56 at batch 1, and
+    CenterFace 475 against 255 (benchmarks/RESULTS.md). Batches stay whole on other devices."""
+    if x.device.type != "cpu" or len(x) <= 1:
+        return model(x)
+    outs = [model(x[i:i + 1]) for i in range(len(x))]
+    return tuple(torch.cat(parts) for parts in zip(*outs))

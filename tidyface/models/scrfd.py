@@ -34,7 +34,7 @@ from ..ops.resize import resize_bilinear, round_up
 from ..registry import FIVE_POINTS, ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
 from ..types import Detections
 from .base import Detector, PreparedImage
-from .folded import ConvReLU, DepthwiseSeparable
+from .folded import Conv2d, ConvReLU, DepthwiseSeparable, forward_by_image
 
 STRIDES = (8, 16, 32)
 NUM_ANCHORS = 2  # anchor_generator scales [1, 2]: two anchors per cell, same point
@@ -84,7 +84,7 @@ class AvgDownsample(nn.Sequential):
         super().__init__()
         if stride > 1:
             self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
-        self.conv = nn.Conv2d(cin, cout, 1)
+        self.conv = Conv2d(cin, cout, 1)
 
 
 class BasicBlock(nn.Module):
@@ -138,10 +138,10 @@ class PAFPN(nn.Module):
 
     def __init__(self, in_channels: Sequence[int], out: int):
         super().__init__()
-        self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out, 1) for c in in_channels)
-        self.fpn_convs = nn.ModuleList(nn.Conv2d(out, out, 3, 1, 1) for _ in in_channels)
-        self.downsample_convs = nn.ModuleList(nn.Conv2d(out, out, 3, 2, 1) for _ in in_channels[1:])
-        self.pafpn_convs = nn.ModuleList(nn.Conv2d(out, out, 3, 1, 1) for _ in in_channels[1:])
+        self.lateral_convs = nn.ModuleList(Conv2d(c, out, 1) for c in in_channels)
+        self.fpn_convs = nn.ModuleList(Conv2d(out, out, 3, 1, 1) for _ in in_channels)
+        self.downsample_convs = nn.ModuleList(Conv2d(out, out, 3, 2, 1) for _ in in_channels[1:])
+        self.pafpn_convs = nn.ModuleList(Conv2d(out, out, 3, 1, 1) for _ in in_channels[1:])
 
     def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
         lat = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
@@ -164,9 +164,9 @@ class SCRFDHead(nn.Module):
             unit = DepthwiseSeparable if dw else partial(ConvReLU, kernel=3)
             return nn.Sequential(*(unit(cin if i == 0 else feat, feat) for i in range(stacked)))
         self.towers = nn.ModuleList(tower() for _ in STRIDES)
-        self.cls = nn.ModuleList(nn.Conv2d(feat, NUM_ANCHORS, 3, 1, 1) for _ in STRIDES)
-        self.box = nn.ModuleList(nn.Conv2d(feat, NUM_ANCHORS * 4, 3, 1, 1) for _ in STRIDES)
-        self.kps = nn.ModuleList(nn.Conv2d(feat, NUM_ANCHORS * 10, 3, 1, 1) for _ in STRIDES)
+        self.cls = nn.ModuleList(Conv2d(feat, NUM_ANCHORS, 3, 1, 1) for _ in STRIDES)
+        self.box = nn.ModuleList(Conv2d(feat, NUM_ANCHORS * 4, 3, 1, 1) for _ in STRIDES)
+        self.kps = nn.ModuleList(Conv2d(feat, NUM_ANCHORS * 10, 3, 1, 1) for _ in STRIDES)
         self.box_scales = nn.Parameter(torch.ones(len(STRIDES))) if scales else None
 
     def forward(self, feats: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -214,11 +214,9 @@ class SCRFD(nn.Module, Detector):
         with black at the bottom and right; 0: no resize, only that padding. min_score: default
         0.5 (kept if score >= it)."""
         images = as_rgb_batch(images)
-        x, scale = letterbox(images, self._square(max_size))
-        x = (x - MEAN) / STD
-        if x.device.type == "cpu":  # oneDNN runs these convs faster on NHWC input (as RetinaFace)
-            x = x.contiguous(memory_format=torch.channels_last)
-        scores, boxes, kps = self(x)
+        # oneDNN runs these convs faster on NHWC input (as RetinaFace)
+        x, scale = network_input(images, self._square(max_size), images.device.type == "cpu")
+        scores, boxes, kps = forward_by_image(self, x)
         dets = postprocess(scores, boxes, kps, x.shape[-2:],
                            DEFAULT_MIN_SCORE if min_score is None else min_score, DEFAULT_NMS_IOU)
         if scale == 1.0:
@@ -261,14 +259,23 @@ def letterbox_size(h: int, w: int, size: int) -> tuple[int, int, float]:
     return nh, nw, nh / h
 
 
-def letterbox(images: Tensor, size: int | None) -> tuple[Tensor, float]:
-    """RGB 0..255 (B,3,H,W) -> (float pixels (B,3,S,S), det_scale): resized bilinearly into the
-    top-left of a black S x S square (S=size), or, for size None, padded to multiples of 32."""
+def network_input(images: Tensor, size: int | None, channels_last: bool = False) -> tuple[Tensor, float]:
+    """RGB 0..255 (B,3,H,W) -> (normalised input (B,3,S,S), det_scale): resized bilinearly into
+    the top-left of a black S x S square (S=size), or, for size None, padded to multiples of 32;
+    then (x - MEAN) / STD. Written once into the input (channels-last if asked), with no padded
+    copy and no layout copy after it."""
     h, w = images.shape[-2:]
     if size is None:
-        return F.pad(images.float(), (0, round_up(w, PAD_TO) - w, 0, round_up(h, PAD_TO) - h)), 1.0
-    nh, nw, det_scale = letterbox_size(h, w, size)
-    return F.pad(resize_bilinear(images, (nh, nw)), (0, size - nw, 0, size - nh)), det_scale
+        (nh, nw), det_scale, (sh, sw) = (h, w), 1.0, (round_up(h, PAD_TO), round_up(w, PAD_TO))
+    else:
+        nh, nw, det_scale = letterbox_size(h, w, size)
+        sh = sw = size
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty((len(images), 3, sh, sw), dtype=torch.float32, device=images.device, memory_format=fmt)
+    x[..., nh:, :].fill_(-MEAN / STD)
+    x[..., :nh, nw:].fill_(-MEAN / STD)
+    x[..., :nh, :nw].copy_(resize_bilinear(images, (nh, nw))).sub_(MEAN).div_(STD)
+    return x, det_scale
 
 
 def postprocess(scores: Tensor, boxes: Tensor, kps: Tensor, input_hw: Sequence[int],

@@ -30,7 +30,7 @@ from ..ops.resize import network_size, resize_bilinear, round_up
 from ..registry import FIVE_POINTS, ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
 from ..types import Detections
 from .base import Detector
-from .folded import ConvReLU
+from .folded import Conv2d, ConvReLU, forward_by_image
 
 STRIDES = (8, 16, 32)
 PAD_TO = 32  # FaceDetectorYNImpl::divisor
@@ -47,7 +47,7 @@ class DepthwisePointUnit(nn.Module):
 
     def __init__(self, cin: int, cout: int, relu: bool = True):
         super().__init__()
-        self.pointwise = nn.Conv2d(cin, cout, 1)
+        self.pointwise = Conv2d(cin, cout, 1)
         self.depthwise = ConvReLU(cout, cout, 3, groups=cout, relu=relu)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -126,11 +126,12 @@ class YuNet(nn.Module, Detector):
         min_score: default 0.9 (kept if score >= it)."""
         images = as_rgb_batch(images)
         h, w = network_size(images.shape[-2:], self._cap(max_size))
-        x = resize_bilinear(images, (h, w)).flip(1)  # BGR
-        x = F.pad(x, (0, round_up(w, PAD_TO) - w, 0, round_up(h, PAD_TO) - h))  # zeros at bottom/right
-        if x.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        dets = postprocess(*self(x), x.shape[-2:], DEFAULT_MIN_SCORE if min_score is None else min_score)
+        fmt = torch.channels_last if images.device.type == "cpu" else torch.contiguous_format
+        x = torch.empty((len(images), 3, round_up(h, PAD_TO), round_up(w, PAD_TO)), dtype=torch.float32,
+                        device=images.device, memory_format=fmt).zero_()  # zeros at bottom/right
+        x[..., :h, :w] = resize_bilinear(images, (h, w)).flip(1)  # BGR, written once into the input
+        dets = postprocess(*forward_by_image(self, x), x.shape[-2:],
+                           DEFAULT_MIN_SCORE if min_score is None else min_score)
         sy, sx = images.shape[-2] / h, images.shape[-1] / w
         if (sy, sx) == (1.0, 1.0):
             return dets

@@ -491,9 +491,13 @@ def detect_video(path: Path, key: str, prefix: str, o: Video2FacesOptions, ws: W
                disable=None, leave=False)
     try:
         with torch_threads(model_threads):  # while the decoder runs beside the models
-            for batch in source.batches():
+            for n, batch in enumerate(source.batches()):
                 found = find_faces(batch, detector, geometry, o, enhancer)
                 sink.add(batch, found, embedder.add(found.faces))
+                if n == 0 and o.mode == "full" and o.engine != "ray":
+                    # Only now: importing them holds the GIL, which before the first frame
+                    # would delay it (start-up, benchmarks/bench_video2faces.py --startup).
+                    warm_imports(o.group_mode)
                 bar.update(len(batch))
                 bar.set_postfix(faces=sink.stats.faces)
         table = sink.table()
@@ -830,7 +834,7 @@ def detection_stage(o: Video2FacesOptions, ws: Workspace, inp: Path, models, fol
     for d in (ws.faces, ws.state):  # intermediate/ folders appear with their first file
         d.mkdir(parents=True, exist_ok=True)
     ws.save_manifest(man)
-    if o.mode == "full":
+    if o.mode == "full" and o.engine == "ray":  # the local loop starts them after its first frame
         warm_imports(o.group_mode)
     multi = len(videos) > 1 or inp.is_dir() or inp.suffix.lower() == ".txt"
     units = plan_units(videos, o, multi)
