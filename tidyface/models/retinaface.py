@@ -6,7 +6,7 @@ biubug6/Pytorch_Retinaface (`models/retinaface.py`, `models/net.py`, `data/confi
 """
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -264,6 +264,12 @@ def preprocess(images: Tensor, max_size: int | None = None) -> Tensor:
     return images.flip(1) - mean
 
 
+@lru_cache(maxsize=8)
+def _priors(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The priors of an input size, built once per size (a video's frames share one; read only)."""
+    return prior_boxes(h, w, MIN_SIZES, STEPS, device=device, dtype=dtype)
+
+
 def postprocess(loc: Tensor, logits: Tensor, landmarks: Tensor, input_hw: Sequence[int],
                 image_hw: Sequence[int], min_score: float = DEFAULT_MIN_SCORE,
                 nms_iou: float = DEFAULT_NMS_IOU, pre_nms_top_k: int = PRE_NMS_TOP_K,
@@ -273,8 +279,7 @@ def postprocess(loc: Tensor, logits: Tensor, landmarks: Tensor, input_hw: Sequen
 
     Per image: faces with score > min_score, the pre_nms_top_k best, NMS at nms_iou, then at most
     max_per_image; results ordered by image, then decreasing score."""
-    priors = prior_boxes(int(input_hw[0]), int(input_hw[1]), MIN_SIZES, STEPS,
-                         device=loc.device, dtype=loc.dtype)
+    priors = _priors(int(input_hw[0]), int(input_hw[1]), loc.device, loc.dtype)
     if priors.shape[0] != loc.shape[1]:
         raise ValueError(f"{loc.shape[1]} head outputs but {priors.shape[0]} priors "
                          f"for an input of size {tuple(input_hw)}")
