@@ -63,7 +63,8 @@ def main():
     from tidyface.options import Video2FacesOptions
     from tidyface.tasks.video2faces import video_to_faces
 
-    for m in Video2FacesOptions.STYLE_DEFAULTS["live"].values():
+    o = Video2FacesOptions(input=str(VIDEO))  # the models a plain run picks
+    for m in (o.det_model, o.enc_model):
         default_cache().get(m, "cpu")
     tmp = Path(tempfile.mkdtemp(prefix="bench_ray_"))
     src = tmp / "in"
