@@ -414,15 +414,12 @@ class EncoderRegionFlags(Options):
         """--enc-region upper needs aligned crops: face points, no --enc-area, an aligned encoder."""
         if self.enc_region == "full":
             return
-        from .registry import get
-
         if enc_area is not None:
             raise UsageError("--enc-region upper blanks an aligned crop; --enc-area embeds the box unaligned: use one")
         if cropped:
             raise UsageError("--enc-region upper needs each face's points; --cropped faces have none")
-        if det_model and not get(det_model).spec.meta.num_landmarks:
-            raise UsageError(f"--enc-region upper finds the nose tip from the face's points; --det-model "
-                             f"{det_model} gives none (use e.g. retinaface_mnet025)")
+        if det_model:
+            require_points(det_model, "--enc-region upper finds the nose tip from the face's points")
         if enc_model and get_template(enc_model) == "box":
             raise UsageError(f"--enc-region upper needs an aligned encoder; --enc-model {enc_model} takes box crops")
 
@@ -510,6 +507,14 @@ class GroupCommandOptions(EncoderRegionFlags, GroupingFlags, Common):
         self.enc_area = parse_area(self.enc_area)
         self.check_region(self.det_model, self.enc_model, self.enc_area, self.cropped)
         self.check_masked(self.masked, self.enc_model, self.enc_area)
+
+
+def require_points(det_model: str, why: str) -> None:
+    """A UsageError saying `why` the detector's face points are needed, when it gives none."""
+    from .registry import get
+
+    if not get(det_model).spec.meta.num_landmarks:
+        raise UsageError(f"{why}; --det-model {det_model} gives none (use e.g. retinaface_mnet025)")
 
 
 def get_template(model: str) -> str | None:
@@ -641,11 +646,7 @@ class Video2FacesOptions(EncoderRegionFlags, PartGroupFlags, GroupingFlags, Comm
         self._check_engine()
         self.grouping(self.group_mode)
         if self.routing().active and self.mode != "detection":  # refused before any work
-            from .registry import get
-
-            if not get(self.det_model).spec.meta.num_landmarks:
-                raise UsageError(f"--attr-groups / --mask-groups parse each face from its 5 points; "
-                                 f"--det-model {self.det_model} gives none (use e.g. retinaface_mnet025)")
+            require_points(self.det_model, "--attr-groups / --mask-groups parse each face from its 5 points")
         if self.group_mode == "classify" and self.mode != "detection" and not self.ref_dir:
             raise UsageError("--group-mode classify needs --ref-dir (one subfolder of reference images per person)")
 

@@ -151,14 +151,19 @@ def _load_plugins() -> None:
             _MODELS[name] = ModelEntry(entry.spec, entry.builder, ep.dist.name if ep.dist else ep.value)
 
 
-def _load_until(name: str | None) -> None:
-    """Import built-in model modules (then plugins) until `name` is registered; None: all."""
+def _import_builtins(until: Callable[[], bool] = lambda: False) -> None:
+    """Import built-in model modules in order, stopping as soon as until() holds."""
     for mod in _BUILTIN_MODULES:
-        if name is not None and name in _MODELS:
+        if until():
             return
         if mod not in _imported:
             _imported.add(mod)
             importlib.import_module(mod)
+
+
+def _load_until(name: str | None) -> None:
+    """Import built-in model modules (then plugins) until `name` is registered; None: all."""
+    _import_builtins(lambda: name is not None and name in _MODELS)
     if name is None or name not in _MODELS:
         _load_plugins()
 
@@ -184,12 +189,7 @@ def style_default(style: str, task: str) -> str:
                        and (e.source == "tidyface" or not builtin_only))
         return found[0][1] if found else None
 
-    for mod in _BUILTIN_MODULES:
-        if pick(builtin_only=True):
-            break
-        if mod not in _imported:
-            _imported.add(mod)
-            importlib.import_module(mod)
+    _import_builtins(lambda: pick(builtin_only=True) is not None)
     name = pick(builtin_only=False)
     if name is None:
         _load_plugins()
