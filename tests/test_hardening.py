@@ -293,3 +293,24 @@ def test_inspection_flags_added_to_a_finished_run_say_what_is_missing(capsys, tm
     assert not (out / "intermediate/frames").exists() and not (out / "intermediate/rejects").exists()
     rejects = list(csv.DictReader(open(out / "intermediate/log_rejects.csv")))
     assert all(r["file_name"] == "" for r in rejects)  # no row names a picture that is not there
+
+
+def test_every_model_flag_default_is_a_model_of_its_task():
+    """Flag checks skip a model flag left at its default, so start-up imports no model module it
+    will not use; the defaults themselves are checked here."""
+    import dataclasses
+
+    from tidyface import options, registry
+
+    classes, stack = set(), [options.Options]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            classes.add(sub)
+            stack.append(sub)
+    checked = set()
+    for cls in classes:
+        for f in dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ():
+            if "model" in f.metadata and isinstance(f.default, str):
+                assert registry.get(f.default).spec.task == f.metadata["model"], (cls.__name__, f.name)
+                checked.add(f.default)
+    assert {"bisenet_celebamask", "realesrgan_x4plus_ncnn"} <= checked

@@ -90,7 +90,7 @@ def test_mirror_file_resolves_converts_once_and_caches(store, payload, monkeypat
     monkeypatch.setenv("TIDYFACE_OFFLINE", "1")
     sd = weights.load_state_dict(_spec(f))
     assert torch.equal(sd["w"], torch.arange(20000, dtype=torch.float32))
-    cached = list((store / "converted").glob("toy-*.pt"))
+    cached = list((store / "converted").glob("toy-*.tensors"))
     assert len(cached) == 1
     p.unlink()  # the converted copy alone is enough from now on
     assert torch.equal(weights.load_state_dict(_spec(f))["w"], sd["w"])
@@ -228,7 +228,7 @@ def test_broken_converted_cache_is_rebuilt(store, payload, monkeypatch):
     p, f = payload
     monkeypatch.setenv("TIDYFACE_MIRROR", str(p.parent))
     weights.load_state_dict(_spec(f))
-    cached = next((store / "converted").glob("toy-*.pt"))
+    cached = next((store / "converted").glob("toy-*.tensors"))
     cached.write_bytes(cached.read_bytes()[:100])
     assert weights.load_state_dict(_spec(f))["w"].numel() == 20000
 
@@ -304,3 +304,29 @@ def test_each_style_has_one_builtin_model_per_task_and_plugins_come_after(monkey
     assert registry.style_default("live", "detect") == "retinaface_mnet025"  # built-in first
     with pytest.raises(KeyError, match="no parse model is registered for style 'anime'"):
         registry.style_default("anime", "parse")
+
+
+def test_tensor_file_round_trip_and_refusals(tmp_path):
+    """The store's cache format: every dtype and shape back bit-exact; a cut or foreign file is
+    a ValueError (the caller rebuilds it), never a wrong tensor."""
+    from tidyface import tensorfile
+
+    g = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(3, 4, 5, 5, generator=g).contiguous(memory_format=torch.channels_last),
+             "half": torch.randn(7, generator=g).half(), "bf": torch.randn(2, 3, generator=g).bfloat16(),
+             "count": torch.tensor(5), "idx": torch.arange(11), "mask": torch.rand(9, generator=g) > 0.5,
+             "u8": torch.randint(0, 255, (4, 4), dtype=torch.uint8, generator=g), "none": torch.zeros(0, 3),
+             "t": torch.randn(4, 6, generator=g).t()}
+    path = tmp_path / "x.tensors"
+    tensorfile.save(state, path)
+    back = tensorfile.load(path)
+    assert list(back) == list(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+    data = path.read_bytes()
+    for spoilt in (data[:len(data) - 1], data[:40], b"PK" + data[2:], b""):
+        path.write_bytes(spoilt)
+        with pytest.raises(ValueError):
+            tensorfile.load(path)
+    with pytest.raises(TypeError, match="meta"):
+        tensorfile.save({"meta": "not a tensor"}, path)

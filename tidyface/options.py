@@ -88,7 +88,7 @@ def _check_field(f: dataclasses.Field, value, devices_here: bool = True) -> None
             raise UsageError(f"{name} must be {span}{off}, got {value}")
     if "choices" in m and value not in m["choices"]:
         raise UsageError(f"{name} must be one of {', '.join(m['choices'])}, got {value!r}")
-    if "model" in m:
+    if "model" in m and value != f.default:  # a default is a built-in of its task (tests/test_cli)
         check_model(value, m["model"], name)
     if m.get("device"):
         check_device(value, here=devices_here)
@@ -242,6 +242,8 @@ class PartGroupFlags(Options):
         from .registry import get
         from .tasks.attributes import Routing, check_share, read_groups
 
+        if not (self.attr_groups or self.mask_groups):  # no groups: the parser is never built
+            return Routing(share=check_share(self.group_share))
         names = get(self.parse_model).spec.meta.class_names
         return Routing(read_groups(self.attr_groups, "--attr-groups", names),
                        read_groups(self.mask_groups, "--mask-groups", names, negatives=False),

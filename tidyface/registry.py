@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-# Built-in model modules, imported on demand (each calls register() at import time).
+# Built-in model modules, imported on demand (each calls register() at import time); those of
+# the default models first, so a default run imports no other (listing sorts by name anyway).
 _BUILTIN_MODULES = (
-    "tidyface.models.mtcnn",
     "tidyface.models.retinaface",
-    "tidyface.models.facenet",
     "tidyface.models.mobilefacenet",
+    "tidyface.models.mtcnn",
+    "tidyface.models.facenet",
     "tidyface.models.bisenet",
     "tidyface.models.scrfd",
     "tidyface.models.yunet",

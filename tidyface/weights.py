@@ -310,7 +310,7 @@ def _converted_path(spec: WeightSpec) -> Path:
     # a file without a known sha256 is keyed by its name: replacing it means deleting converted/
     names = "".join(f.sha256 or f"unverified {f.filename}" for f in spec.files)
     key = hashlib.sha256(names.encode()).hexdigest()[:12]
-    return store_dir() / "converted" / f"{spec.name}-{key}-r{spec.revision}.pt"
+    return store_dir() / "converted" / f"{spec.name}-{key}-r{spec.revision}.tensors"
 
 
 def is_available(spec: WeightSpec, weights_dir=None) -> bool:
@@ -322,12 +322,12 @@ def is_available(spec: WeightSpec, weights_dir=None) -> bool:
 
 
 def _load_cached(target: Path) -> dict | None:
-    import torch
+    from . import tensorfile
 
     if not target.is_file():
         return None
     try:
-        return torch.load(target, map_location="cpu", weights_only=True)
+        return tensorfile.load(target)
     except Exception:
         # A broken cache entry is rebuilt, never trusted; in a read-only store it stays, unused.
         with contextlib.suppress(OSError):
@@ -338,7 +338,7 @@ def _load_cached(target: Path) -> dict | None:
 def _save_cached(state: dict, target: Path) -> None:
     """Cache a conversion. A store that cannot be written still lets the weights be used (from
     a mirror, converted in memory); it is said once, since every load converts again."""
-    import torch
+    from . import tensorfile
 
     why = _unwritable(target.parent)
     if why:
@@ -347,7 +347,7 @@ def _save_cached(state: dict, target: Path) -> None:
                    "set TIDYFACE_HOME to a writable folder to keep them")
         return
     with atomic_path(target) as tmp:
-        torch.save(state, tmp)
+        tensorfile.save(state, tmp)
 
 
 def load_state_dict(spec: WeightSpec, weights_dir=None) -> dict:

@@ -175,29 +175,32 @@ class FrameSource:
     release the GIL, so decoding overlaps the models), handed over in batches."""
 
     def __init__(self, path: Path, o: Video2FacesOptions, detector, threads: int | None):
-        self.path, self.o, self.detector, self.threads = path, o, detector, threads
+        from ..ops.video import VideoReader
+
+        self.path, self.o, self.detector = path, o, detector
         self.ended_early, self.error = False, ""
+        # Opened here, on the caller's thread: an unreadable file raises its one-line
+        # VideoReadError before any work, and the file is opened once (read on the thread).
+        self.reader = VideoReader(path, step=o.video_step, fragment=o.video_fragment, area=o.video_area,
+                                  reader=o.video_reader, threads=threads, device=o.video_device)
+        self.info = self.reader.info
         self._q: queue.Queue = queue.Queue(maxsize=2 * o.det_batch_size + 2)
         self._stop, self._box = threading.Event(), {}
         self._thread = threading.Thread(target=self._read, daemon=True)
 
-    def expected_frames(self, info) -> int | None:
-        if not info.duration_s:
+    def expected_frames(self) -> int | None:
+        if not self.info.duration_s:
             return None
-        span, frag = info.duration_s, self.o.video_fragment
+        span, frag = self.info.duration_s, self.o.video_fragment
         if frag:
             end = frag[1] if frag[1] is not None and frag[1] >= 0 else float("inf")
             span = min(span, end * 60) - frag[0] * 60
         return max(1, int(span / self.o.video_step) + 1)
 
     def _read(self) -> None:
-        from ..ops.video import VideoReader
-
         o = self.o
         try:
-            with VideoReader(self.path, step=o.video_step, fragment=o.video_fragment, area=o.video_area,
-                             reader=o.video_reader, threads=self.threads, device=o.video_device) as r:
-                self._box["reader"] = r
+            with self.reader as r:
                 for f in r:
                     item = SourceFrame(f, self.detector.prepare(f.image, o.det_size),
                                        torch.from_numpy(f.image).permute(2, 0, 1))
@@ -230,13 +233,13 @@ class FrameSource:
             yield pending
         if "error" in self._box:
             raise self._box["error"]
-        r = self._box.get("reader")
-        if r is not None:
-            self.ended_early, self.error = bool(r.ended_early), str(r.error or "")
+        self.ended_early, self.error = bool(self.reader.ended_early), str(self.reader.error or "")
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
+        if self._thread.ident is None:  # never started: the reader is still ours to close
+            self.reader.close()
+        elif self._thread.is_alive():
             self._thread.join(timeout=5)
 
 
@@ -477,17 +480,14 @@ def detect_video(path: Path, key: str, prefix: str, o: Video2FacesOptions, ws: W
     """source -> steps -> sink over one video -> (face table, reject log rows, stats)."""
     from tqdm import tqdm
 
-    from ..ops.video import probe
-
     t0 = time.time()
-    info = probe(path)  # raises a one-line VideoReadError for unreadable files
     decode_threads, model_threads = split_cpu_threads(model_device(detector))
-    source = FrameSource(path, o, detector, decode_threads)
+    source = FrameSource(path, o, detector, decode_threads)  # opens it: unreadable files fail here
     sink = FaceSink(path, prefix, ws, o, writer, encoder.spec.meta.embedding_dim)
     store = CropStore(ws.crops_path(key))
     embedder = Embedder(encoder, o, store)
     geometry = pl.encoder_geometry(encoder, o.enc_area, o.enc_region)
-    bar = tqdm(total=source.expected_frames(info), unit="frame", desc=path.name[:30], file=sys.stderr,
+    bar = tqdm(total=source.expected_frames(), unit="frame", desc=path.name[:30], file=sys.stderr,
                disable=None, leave=False)
     try:
         with torch_threads(model_threads):  # while the decoder runs beside the models
@@ -508,7 +508,7 @@ def detect_video(path: Path, key: str, prefix: str, o: Video2FacesOptions, ws: W
         source.close()
         bar.close()
     sink.stats.ended_early, sink.stats.error = source.ended_early, source.error
-    sink.stats.duration_s = info.duration_s
+    sink.stats.duration_s = source.info.duration_s
     if (table.crop_index >= 0).any():
         # The video's hash pass, as grouping will run it: the deferred faces it keeps are
         # embedded now; the dropped ones stay NaN (grouping embeds any it keeps otherwise).
