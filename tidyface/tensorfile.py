@@ -22,6 +22,7 @@ ALIGN = 64
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
     torch.int16, torch.int8, torch.uint8, torch.bool)}
+_ITEMSIZE = {name: d.itemsize for name, d in _DTYPES.items()}
 
 
 def _padded(n: int) -> int:
@@ -72,8 +73,7 @@ def load(path) -> dict:
         numel = 1
         for n in shape:
             numel *= n
-        if kind is None or start + at + nbytes > len(buf) or \
-                numel * torch.empty((), dtype=kind).element_size() != nbytes:
+        if kind is None or start + at + nbytes > len(buf) or numel * _ITEMSIZE[dtype] != nbytes:
             raise ValueError(f"{Path(path).name}: {key} is cut short or malformed")
         if nbytes == 0:
             state[key] = torch.empty(shape, dtype=kind)
