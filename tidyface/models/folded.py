@@ -1,7 +1,8 @@
 """Layers of networks whose published weights are ONNX graphs with BatchNorm already folded
 into the convolutions (SCRFD, YuNet, CenterFace): a conv with a bias stands for upstream's
 conv + BN, so the converted weights load as they are and compute what the graph computes.
-Also how the three run their 1x1 convolutions (Conv2d) and a batch (forward_by_image) on the CPU."""
+Also how the three run their 1x1 convolutions (Conv2d) and a batch (forward_by_image) on the CPU;
+RetinaFace's convolutions are Conv2d too (video2faces runs it on one thread, in batches of 4)."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,8 @@ class Conv2d(nn.Conv2d):
     to oneDNN: PyTorch sends a 1x1 conv of fewer than 16 images on one thread to its im2col +
     GEMM kernel instead (ConvParams::use_mkldnn), and these nets' thin 1x1 layers on large maps
     run slower there (SCRFD-500M at 640, one thread: 82 against 61 ms, the same values up to
-    float rounding). Training, tracing and other devices keep PyTorch's own choice."""
+    float rounding; RetinaFace mnet0.25 in video2faces at --video-step 0.25: 22.5 -> 20.1 s for
+    the whole run). Training, tracing and other devices keep PyTorch's own choice."""
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if (self.kernel_size == (1, 1) and self.padding_mode == "zeros" and x.device.type == "cpu"

@@ -22,6 +22,7 @@ from ..ops.priors import decode_boxes, decode_landmarks, flatten_head, prior_box
 from ..ops.resize import network_size
 from ..registry import FIVE_POINTS, ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
 from ..types import Detections
+from . import folded
 from .base import Detector, PreparedImage
 
 MIN_SIZES = ((16, 32), (64, 128), (256, 512))  # anchor sides in input pixels, per level
@@ -48,7 +49,7 @@ class ConvBNAct(nn.Sequential):
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
                  leaky: float | None = 0.0):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
+        self.conv = folded.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(cout)
         if leaky is not None:
             self.act = nn.LeakyReLU(leaky, inplace=True) if leaky > 0 else nn.ReLU(inplace=True)
@@ -92,15 +93,15 @@ class Bottleneck(nn.Module):
     def __init__(self, cin: int, width: int, stride: int):
         super().__init__()
         cout = width * self.expansion
-        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.conv1 = folded.Conv2d(cin, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.conv2 = folded.Conv2d(width, width, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.conv3 = folded.Conv2d(width, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
         # torchvision's key names: downsample.0 (conv) / downsample.1 (bn).
-        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.downsample = (nn.Sequential(folded.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
                            if stride != 1 or cin != cout else None)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -118,7 +119,7 @@ class ResNet50Body(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.conv1 = folded.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
@@ -192,9 +193,9 @@ class RetinaFace(nn.Module, Detector):
         leaky = 0.1 if width <= 64 else 0.0  # upstream: leaky slope 0.1 only in the narrow variant
         self.fpn = FPN(self.body.channels, width, leaky)
         self.ssh = nn.ModuleList(SSH(width, width, leaky) for _ in STEPS)
-        self.class_head = nn.ModuleList(nn.Conv2d(width, NUM_ANCHORS * 2, 1) for _ in STEPS)
-        self.box_head = nn.ModuleList(nn.Conv2d(width, NUM_ANCHORS * 4, 1) for _ in STEPS)
-        self.landmark_head = nn.ModuleList(nn.Conv2d(width, NUM_ANCHORS * 10, 1) for _ in STEPS)
+        self.class_head = nn.ModuleList(folded.Conv2d(width, NUM_ANCHORS * 2, 1) for _ in STEPS)
+        self.box_head = nn.ModuleList(folded.Conv2d(width, NUM_ANCHORS * 4, 1) for _ in STEPS)
+        self.landmark_head = nn.ModuleList(folded.Conv2d(width, NUM_ANCHORS * 10, 1) for _ in STEPS)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         feats = [ssh(f) for ssh, f in zip(self.ssh, self.fpn(self.body(x)))]
