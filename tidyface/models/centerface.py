@@ -145,10 +145,12 @@ class CenterFace(nn.Module, Detector):
         images = as_rgb_batch(images)
         h, w = images.shape[-2:]
         nh, nw = input_size((h, w), None if max_size is None else (int(max_size) or None))
-        x = resize_bilinear(images, (nh, nw))
-        if x.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        dets = postprocess(*forward_by_image(self, x), DEFAULT_MIN_SCORE if min_score is None else min_score)
+        def network_input(batch: Tensor) -> Tensor:
+            x = resize_bilinear(batch, (nh, nw))
+            return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+        dets = postprocess(*forward_by_image(self, images, network_input),
+                           DEFAULT_MIN_SCORE if min_score is None else min_score)
         scale = torch.tensor([w / nw, h / nh], dtype=dets.boxes.dtype, device=dets.boxes.device)
         return Detections(dets.boxes * scale.repeat(2), dets.scores, dets.landmarks * scale, dets.image_index)
 

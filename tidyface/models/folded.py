@@ -5,6 +5,8 @@ Also how the three run their 1x1 convolutions (Conv2d) and a batch (forward_by_i
 RetinaFace's convolutions are Conv2d too (video2faces runs it on one thread, in batches of 4)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -47,12 +49,14 @@ class DepthwiseSeparable(nn.Sequential):
         self.pointwise = ConvReLU(cin, cout, 1)
 
 
-def forward_by_image(model: nn.Module, x: Tensor) -> tuple[Tensor, ...]:
-    """model(x) for a batch, run one image at a time on the CPU and concatenated on the batch
-    axis (the same values: no layer mixes images). At video sizes a batch's activations outgrow
-    the CPU caches: YuNet at 1280x736 cost 121 ms/frame at batch 8 against 56 at batch 1, and
-    CenterFace 475 against 255 (benchmarks/RESULTS.md). Batches stay whole on other devices."""
-    if x.device.type != "cpu" or len(x) <= 1:
-        return model(x)
-    outs = [model(x[i:i + 1]) for i in range(len(x))]
+def forward_by_image(model: nn.Module, images: Tensor, prepare: Callable[[Tensor], Tensor]) -> tuple[Tensor, ...]:
+    """model(prepare(images)) for a batch; on the CPU one image at a time, each image's input
+    prepared alone too, and the outputs concatenated on the batch axis (the same values: no layer
+    mixes images). At video sizes a batch's input and activations outgrow the CPU caches: YuNet at
+    1280x736 cost 121 ms/frame at batch 8 against 56 at batch 1 with a whole-batch forward, and
+    110 against 74 with only the input built for the whole batch, 96 with neither
+    (benchmarks/RESULTS.md). Batches stay whole on other devices."""
+    if images.device.type != "cpu" or len(images) <= 1:
+        return model(prepare(images))
+    outs = [model(prepare(images[i:i + 1])) for i in range(len(images))]
     return tuple(torch.cat(parts) for parts in zip(*outs))

@@ -215,9 +215,10 @@ class SCRFD(nn.Module, Detector):
         0.5 (kept if score >= it)."""
         images = as_rgb_batch(images)
         # oneDNN runs these convs faster on NHWC input (as RetinaFace)
-        x, scale = network_input(images, self._square(max_size), images.device.type == "cpu")
-        scores, boxes, kps = forward_by_image(self, x)
-        dets = postprocess(scores, boxes, kps, x.shape[-2:],
+        size, cpu = self._square(max_size), images.device.type == "cpu"
+        scores, boxes, kps = forward_by_image(self, images, lambda batch: network_input(batch, size, cpu)[0])
+        _, scale, input_hw = input_geometry(*images.shape[-2:], size)
+        dets = postprocess(scores, boxes, kps, input_hw,
                            DEFAULT_MIN_SCORE if min_score is None else min_score, DEFAULT_NMS_IOU)
         if scale == 1.0:
             return dets
@@ -259,17 +260,20 @@ def letterbox_size(h: int, w: int, size: int) -> tuple[int, int, float]:
     return nh, nw, nh / h
 
 
+def input_geometry(h: int, w: int, size: int | None) -> tuple[tuple[int, int], float, tuple[int, int]]:
+    """((resized h, w), det_scale, (input h, w)) of an h x w image in network_input."""
+    if size is None:
+        return (h, w), 1.0, (round_up(h, PAD_TO), round_up(w, PAD_TO))
+    nh, nw, det_scale = letterbox_size(h, w, size)
+    return (nh, nw), det_scale, (size, size)
+
+
 def network_input(images: Tensor, size: int | None, channels_last: bool = False) -> tuple[Tensor, float]:
     """RGB 0..255 (B,3,H,W) -> (normalised input (B,3,S,S), det_scale): resized bilinearly into
     the top-left of a black S x S square (S=size), or, for size None, padded to multiples of 32;
     then (x - MEAN) / STD. Written once into the input (channels-last if asked), with no padded
     copy and no layout copy after it."""
-    h, w = images.shape[-2:]
-    if size is None:
-        (nh, nw), det_scale, (sh, sw) = (h, w), 1.0, (round_up(h, PAD_TO), round_up(w, PAD_TO))
-    else:
-        nh, nw, det_scale = letterbox_size(h, w, size)
-        sh = sw = size
+    (nh, nw), det_scale, (sh, sw) = input_geometry(*images.shape[-2:], size)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.empty((len(images), 3, sh, sw), dtype=torch.float32, device=images.device, memory_format=fmt)
     x[..., nh:, :].fill_(-MEAN / STD)

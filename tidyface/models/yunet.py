@@ -127,10 +127,15 @@ class YuNet(nn.Module, Detector):
         images = as_rgb_batch(images)
         h, w = network_size(images.shape[-2:], self._cap(max_size))
         fmt = torch.channels_last if images.device.type == "cpu" else torch.contiguous_format
-        x = torch.empty((len(images), 3, round_up(h, PAD_TO), round_up(w, PAD_TO)), dtype=torch.float32,
-                        device=images.device, memory_format=fmt).zero_()  # zeros at bottom/right
-        x[..., :h, :w] = resize_bilinear(images, (h, w)).flip(1)  # BGR, written once into the input
-        dets = postprocess(*forward_by_image(self, x), x.shape[-2:],
+        padded = (round_up(h, PAD_TO), round_up(w, PAD_TO))
+
+        def network_input(batch: Tensor) -> Tensor:
+            x = torch.empty((len(batch), 3, *padded), dtype=torch.float32, device=batch.device,
+                            memory_format=fmt).zero_()  # zeros at bottom/right
+            x[..., :h, :w] = resize_bilinear(batch, (h, w)).flip(1)  # BGR, written once into the input
+            return x
+
+        dets = postprocess(*forward_by_image(self, images, network_input), padded,
                            DEFAULT_MIN_SCORE if min_score is None else min_score)
         sy, sx = images.shape[-2] / h, images.shape[-1] / w
         if (sy, sx) == (1.0, 1.0):
