@@ -164,3 +164,21 @@ def test_reference_crops_have_faces_blank_references_are_left_out(tmp_path, caps
     cv2.imwrite(str(refs / "blank" / "grey.png"), blank[0][1])
     with pytest.raises(InputError, match=r"refs/blank: no usable reference image"):
         pl.reference_embeddings(refs, encoder, detector)
+
+
+def test_tight_reference_crops_work_with_a_letterboxing_detector(tmp_path, capsys):
+    """SCRFD finds no face in any of the database's tight crops as they are (each fills its
+    640 letterbox); the reference step tries them again inside a black border, so every person
+    gets an embedding, close to RetinaFace's for the same crop."""
+    encoder, scrfd, retina = load_models(None, "cpu", None, "mobilefacenet", "scrfd_500m", "retinaface_mnet025")
+    crops = [(p.name, read_image(p)) for p in sorted(need(DATABASE).glob("*.png"))]
+    as_they_are = [len(d) for _, _, d in pl.detect_stream(crops, scrfd, batch_size=1)]
+    refs = refs_dir(tmp_path)
+    emb, labels = pl.reference_embeddings(refs, encoder, scrfd)
+    assert "no face found" not in capsys.readouterr().err
+    ref_emb, ref_labels = pl.reference_embeddings(refs, encoder, retina)
+    cos = (emb * ref_emb[[ref_labels.index(l) for l in labels]]).sum(1)
+    print(f"\nSCRFD faces in the crops as they are: {as_they_are}; cosine to RetinaFace's references: "
+          f"min {cos.min():.3f}")
+    assert sorted(labels) == sorted(ref_labels) and len(labels) == len(crops)
+    assert cos.min() > 0.8

@@ -486,14 +486,23 @@ def masked_crops(faces: Faces, geometry: Geometry) -> Tensor:
                       for s in SHAPES])
 
 
+def _bordered(image: np.ndarray) -> np.ndarray:
+    """The RGB image in the middle of a black canvas three times its size."""
+    h, w = image.shape[:2]
+    out = np.zeros((3 * h, 3 * w, image.shape[2]), image.dtype)
+    out[h:2 * h, w:2 * w] = image
+    return out
+
+
 def reference_embeddings(ref_dir: Path, encoder, detector, *, min_score=None, area=None,
                          batch_size: int = 32, region: str = "full", masked: bool = False
                          ) -> tuple[Tensor, list[str]]:
     """One embedding per reference image, labelled by its subfolder: its largest face. An image
     with no detectable face is left out with a warning naming it: embedded whole, a blank or
-    non-face image became a "person" that drew faces to itself. Face crops need no exception:
-    the detector finds the face in tight crops (every crop of Video_2's database, padded or not;
-    tests/test_dedup_real.py). A person left without a usable image is an InputError.
+    non-face image became a "person" that drew faces to itself. Tight face crops work: RetinaFace
+    finds their faces as they are (every crop of Video_2's database, padded or not;
+    tests/test_dedup_real.py), and an image where a detector finds none is tried again inside a
+    black border (SCRFD and YuNet need that). A person left without a usable image is an InputError.
     region: encoder_geometry's. masked: each reference also wears each synthetic mask
     (masked_crops), same label, so classify's min distance over a person's references matches a
     masked face to the masked versions."""
@@ -515,7 +524,13 @@ def reference_embeddings(ref_dir: Path, encoder, detector, *, min_score=None, ar
     labels, embs = [], []
     dev = model_device(encoder)
     geometry = encoder_geometry(encoder, area, region)
-    for (label, path), img, det in detect_stream(images, detector, min_score=min_score, batch_size=1):
+    found = list(detect_stream(images, detector, min_score=min_score, batch_size=1))
+    # A tight face crop fills a letterboxing detector's whole input, and SCRFD and YuNet find
+    # nothing there (none of Video_2's 8 database crops); such an image is tried once more inside
+    # a black border as wide as itself, which the aligned crop never reaches into for a tight crop.
+    missed = [(key, _bordered(img)) for key, img, det in found if not len(det)]
+    found = [f for f in found if len(f[2])] + list(detect_stream(missed, detector, min_score=min_score, batch_size=1))
+    for (label, path), img, det in found:
         if not len(det):
             warn(f"{path}: no face found in this reference image; it is left out")
             continue
