@@ -88,7 +88,7 @@ def _check_field(f: dataclasses.Field, value, devices_here: bool = True) -> None
             raise UsageError(f"{name} must be {span}{off}, got {value}")
     if "choices" in m and value not in m["choices"]:
         raise UsageError(f"{name} must be one of {', '.join(m['choices'])}, got {value!r}")
-    if "model" in m and value != f.default:  # a default is a built-in of its task (tests/test_cli)
+    if "model" in m and value != f.default:  # defaults: tests/test_hardening.py checks them
         check_model(value, m["model"], name)
     if m.get("device"):
         check_device(value, here=devices_here)

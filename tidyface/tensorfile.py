@@ -12,6 +12,7 @@ file ends where the last tensor does, so a cut file is always seen.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -33,11 +34,12 @@ def save(state: dict, path) -> None:
     """Write a flat {name: tensor} dict (any device; stored as contiguous CPU bytes)."""
     header, blobs, offset, end = {}, [], 0, 0
     for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or str(value.dtype).removeprefix("torch.") not in _DTYPES:
+        dtype = str(getattr(value, "dtype", "")).removeprefix("torch.")
+        if not isinstance(value, torch.Tensor) or dtype not in _DTYPES:
             raise TypeError(f"{key}: only tensors of {sorted(_DTYPES)} can be stored, "
-                            f"not {type(value).__name__} {getattr(value, 'dtype', '')}")
+                            f"not {type(value).__name__} {dtype}")
         raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[key] = [str(value.dtype).removeprefix("torch."), list(value.shape), offset, len(raw)]
+        header[key] = [dtype, list(value.shape), offset, len(raw)]
         blobs.append(raw)
         end = offset + len(raw)
         offset = _padded(end)
@@ -70,10 +72,7 @@ def load(path) -> dict:
     state = {}
     for key, (dtype, shape, at, nbytes) in header.items():
         kind = _DTYPES.get(dtype)
-        numel = 1
-        for n in shape:
-            numel *= n
-        if kind is None or start + at + nbytes > len(buf) or numel * _ITEMSIZE[dtype] != nbytes:
+        if kind is None or start + at + nbytes > len(buf) or math.prod(shape) * _ITEMSIZE[dtype] != nbytes:
             raise ValueError(f"{Path(path).name}: {key} is cut short or malformed")
         if nbytes == 0:
             state[key] = torch.empty(shape, dtype=kind)

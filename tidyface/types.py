@@ -48,6 +48,13 @@ class Detections:
                           None if self.landmarks is None else self.landmarks.to(device),
                           self.image_index.to(device))
 
+    def moved(self, offsets: Tensor) -> "Detections":
+        """Boxes and points moved by (x, y) pixels: offsets (N,2), one per face, or (2,) for all
+        (from an area's or a canvas's pixels into the image's)."""
+        off = offsets.reshape(-1, 2)
+        lm = None if self.landmarks is None else self.landmarks + off[:, None].to(self.landmarks)
+        return Detections(self.boxes + off.repeat(1, 2).to(self.boxes), self.scores, lm, self.image_index)
+
     def shift_images(self, offset: int) -> "Detections":
         return replace(self, image_index=self.image_index + offset)
 

@@ -145,6 +145,7 @@ class CenterFace(nn.Module, Detector):
         images = as_rgb_batch(images)
         h, w = images.shape[-2:]
         nh, nw = input_size((h, w), None if max_size is None else (int(max_size) or None))
+
         def network_input(batch: Tensor) -> Tensor:
             x = resize_bilinear(batch, (nh, nw))
             return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x

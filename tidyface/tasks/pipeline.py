@@ -486,12 +486,20 @@ def masked_crops(faces: Faces, geometry: Geometry) -> Tensor:
                       for s in SHAPES])
 
 
-def _bordered(image: np.ndarray) -> np.ndarray:
-    """The RGB image in the middle of a black canvas three times its size."""
-    h, w = image.shape[:2]
-    out = np.zeros((3 * h, 3 * w, image.shape[2]), image.dtype)
-    out[h:2 * h, w:2 * w] = image
-    return out
+def _detect_bordered(images: list[tuple[object, np.ndarray]], detector, min_score
+                     ) -> Iterator[tuple[object, np.ndarray, Detections]]:
+    """detect_stream's output for each image placed in the middle of a black canvas three times
+    its size, with the faces moved back into the image's own pixels."""
+    def canvases():
+        for key, image in images:
+            h, w = image.shape[:2]
+            canvas = np.zeros((3 * h, 3 * w, image.shape[2]), image.dtype)
+            canvas[h:2 * h, w:2 * w] = image
+            yield (key, image), canvas
+
+    for (key, image), _, det in detect_stream(canvases(), detector, min_score=min_score, batch_size=1):
+        h, w = image.shape[:2]
+        yield key, image, det.moved(torch.tensor([-w, -h], dtype=torch.float32))
 
 
 def reference_embeddings(ref_dir: Path, encoder, detector, *, min_score=None, area=None,
@@ -525,11 +533,11 @@ def reference_embeddings(ref_dir: Path, encoder, detector, *, min_score=None, ar
     dev = model_device(encoder)
     geometry = encoder_geometry(encoder, area, region)
     found = list(detect_stream(images, detector, min_score=min_score, batch_size=1))
-    # A tight face crop fills a letterboxing detector's whole input, and SCRFD and YuNet find
-    # nothing there (none of Video_2's 8 database crops); such an image is tried once more inside
-    # a black border as wide as itself, which the aligned crop never reaches into for a tight crop.
-    missed = [(key, _bordered(img)) for key, img, det in found if not len(det)]
-    found = [f for f in found if len(f[2])] + list(detect_stream(missed, detector, min_score=min_score, batch_size=1))
+    # A tight face crop fills a letterboxing detector's whole input: SCRFD finds no face in any
+    # of Video_2's 14 database crops. Such an image is searched again inside a black border; the
+    # face is then aligned from the image itself, as every other reference is.
+    missed = [(key, img) for key, img, det in found if not len(det)]
+    found = [f for f in found if len(f[2])] + list(_detect_bordered(missed, detector, min_score))
     for (label, path), img, det in found:
         if not len(det):
             warn(f"{path}: no face found in this reference image; it is left out")

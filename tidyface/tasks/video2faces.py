@@ -425,7 +425,7 @@ class FaceSink:
                 continue
             x1, y1, x2, y2 = slices[k].tolist()
             self._write(self.ws.faces / names[-1], f.image[y1:y2, x1:x2])
-        moved = _offset(faces.detections.to("cpu"), offsets)
+        moved = faces.detections.to("cpu").moved(offsets)
         table = FaceTable.from_faces(replace(faces, crop_mat=crop_mat, detections=moved).to("cpu"), name=names,
                                      source=[str(self.path)] * len(names), face_index=face_index.numpy(),
                                      frame=[batch[i].frame.index for i in image_index.tolist()],
@@ -465,12 +465,6 @@ def _rank_within(image_index: torch.Tensor) -> torch.Tensor:
         return image_index
     starts = torch.searchsorted(image_index, image_index)
     return torch.arange(len(image_index)) - starts
-
-
-def _offset(dets: Detections, offsets: torch.Tensor) -> Detections:
-    """Detections in an area's pixels -> in full-frame pixels (offsets (N,2), per face)."""
-    lm = None if dets.landmarks is None else dets.landmarks + offsets[:, None].to(dets.landmarks)
-    return Detections(dets.boxes + offsets.repeat(1, 2).to(dets.boxes), dets.scores, lm, dets.image_index)
 
 
 # ----------------------------------------------------------------------------- detection stage
