@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -83,6 +84,67 @@ def test_cpu_threads_are_split_between_decoder_and_models():
             assert torch.get_num_threads() == total
     finally:
         torch.set_num_threads(before)
+
+
+class _ThreadedEncoder:
+    """Embeds a crop as its mean colour (distinct per face), noting each call's thread and torch
+    thread count; fails on a crop marked 255 in its first pixel."""
+
+    def __init__(self):
+        self.calls = []
+
+    def embed(self, crops):
+        self.calls.append((threading.current_thread().name, torch.get_num_threads()))
+        if (crops[:, 0, 0, 0] == 255).any():
+            raise ValueError("bad crop")
+        e = crops.mean((2, 3))
+        return e / e.norm(dim=1, keepdim=True)
+
+
+def _faces(crops):
+    from tidyface.types import Detections, Faces
+
+    n = len(crops)
+    dets = Detections(torch.zeros(n, 4), torch.ones(n), None, torch.zeros(n, dtype=torch.long))
+    # hashes far apart (no window links): every face is embedded, none deferred
+    hashes = torch.tensor([(0x0F0F0F0F0F0F0F0F * (k % 2)) ^ (k << 40) for k in range(n)])
+    return Faces(crops, torch.eye(3).expand(n, 3, 3), dets, hashes=hashes)
+
+
+def test_a_side_worker_embeds_in_order_and_reports_errors(tmp_path):
+    from tidyface.ops.parallel import side_worker
+    from tidyface.options import Video2FacesOptions
+    from tidyface.tasks.video2faces import CropStore, Embedder
+    from tidyface.types import FaceTable
+
+    o = Video2FacesOptions(input="x", enc_batch_size=4, hash_thr=-1)
+    crops = torch.randint(0, 250, (11, 3, 8, 8), dtype=torch.uint8)
+    results = []
+    for worker in (None, side_worker(1)):
+        enc = _ThreadedEncoder()
+        e = Embedder(enc, o, CropStore(tmp_path / "c.raw"), worker)
+        for part in (crops[:3], crops[3:9], crops[9:]):
+            assert (e.add(_faces(part)) == -1).all()
+        table = FaceTable.empty(3)
+        table.embeddings = np.full((11, 3), np.nan, np.float32)
+        e.fill(table)
+        results.append((table.embeddings, enc.calls))
+        if worker is not None:
+            worker.shutdown()
+    (inline, inline_calls), (side, side_calls) = results
+    np.testing.assert_array_equal(inline, side)  # every row's own embedding, whichever thread
+    assert not np.isnan(side).any()
+    assert {name for name, _ in inline_calls} == {threading.current_thread().name}
+    assert {name for name, _ in side_calls} == {"tidyface-side_0"} and {n for _, n in side_calls} == {1}
+    bad = crops.clone()
+    bad[5, 0, 0, 0] = 255
+    worker = side_worker(1)
+    e = Embedder(_ThreadedEncoder(), o, CropStore(tmp_path / "d.raw"), worker)
+    with pytest.raises(ValueError, match="bad crop"):
+        e.add(_faces(bad[:8]))  # the batch in flight fails...
+        e.add(_faces(bad[8:]))  # ...and its error surfaces by the next flush at the latest
+        e.fill(FaceTable.empty(3))
+    worker.shutdown()
 
 
 def test_classify_against_the_reference_faces(video2_run):

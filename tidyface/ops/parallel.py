@@ -35,6 +35,17 @@ def split_cpu_threads(device) -> tuple[int | None, int | None]:
     return decode, max(1, total - decode)
 
 
+def side_worker(threads: int) -> ThreadPoolExecutor:
+    """A single thread that runs torch at `threads` intra-op threads of its own, for a model that
+    can work beside the caller's (video2faces embeds on one while it detects on its own thread);
+    shut it down when done."""
+    def start():
+        torch.get_num_threads()  # see _pool: the first query fixes the thread's own count
+        torch.set_num_threads(threads)
+
+    return ThreadPoolExecutor(1, thread_name_prefix="tidyface-side", initializer=start)
+
+
 @contextmanager
 def torch_threads(n: int | None):
     """torch's intra-op threads set to n inside the block (None: unchanged), restored after."""

@@ -33,7 +33,7 @@ from ..cache import ModelCache
 from ..errors import InputError, OutputError, TidyfaceError
 from ..models.base import PreparedImage, model_device
 from ..ops.image import atomic_write_bytes, write_image
-from ..ops.parallel import split_cpu_threads, torch_threads
+from ..ops.parallel import side_worker, split_cpu_threads, torch_threads
 from ..options import Video2FacesOptions
 from ..types import Detections, Faces, FaceTable
 from . import dedup as dd
@@ -318,13 +318,17 @@ def enhance_small(found: FrameFaces, frames: list[torch.Tensor], enhancer, geome
 class Embedder:
     """The embed step in full batches of enc_batch_size, and the hash window of the dedup pass:
     a face that the window links to a recent one is almost always dropped as a duplicate, so
-    its embedding waits (NaN) and its crop goes to the CropStore."""
+    its embedding waits (NaN) and its crop goes to the CropStore.
 
-    def __init__(self, encoder, o: Video2FacesOptions, store: CropStore):
-        self.encoder, self.batch_size, self.store = encoder, o.enc_batch_size, store
+    With a side worker (a thread of its own, ops.parallel.side_worker) the batches are embedded
+    there while the caller detects the next frames: on CPU the decoder leaves much of its core
+    idle once the models are the bottleneck (benchmarks/RESULTS.md, video2faces)."""
+
+    def __init__(self, encoder, o: Video2FacesOptions, store: CropStore, worker: ThreadPoolExecutor | None = None):
+        self.encoder, self.batch_size, self.store, self.worker = encoder, o.enc_batch_size, store, worker
         self.window = dd.HashWindow(o.hash_thr) if o.hash_thr != -1 else None
         self.rows, self._queue, self._queue_rows = 0, [], []
-        self.embeddings: dict[int, np.ndarray] = {}
+        self._pending: list = []  # (rows, embeddings or their future)
 
     def add(self, faces: Faces) -> np.ndarray:
         """Queue the faces (rows self.rows...); -> their crop_index (-1: embedded, not deferred)."""
@@ -344,15 +348,25 @@ class Embedder:
         return crop_index
 
     def flush(self) -> None:
-        if self._queue:
-            emb = pl.encode(self.encoder, torch.cat(self._queue), self.batch_size).cpu().numpy()
-            self.embeddings.update(zip(np.concatenate(self._queue_rows).tolist(), emb))
-            self._queue, self._queue_rows = [], []
+        if not self._queue:
+            return
+        crops, rows = torch.cat(self._queue), np.concatenate(self._queue_rows)
+        self._queue, self._queue_rows = [], []
+        if self.worker is None:
+            self._pending.append((rows, self._encode(crops)))
+            return
+        # At most one batch in flight besides the one being queued: memory stays bounded and
+        # an encoder error surfaces within a batch of faces.
+        self._pending = [(r, e.result() if not isinstance(e, np.ndarray) else e) for r, e in self._pending]
+        self._pending.append((rows, self.worker.submit(self._encode, crops)))
+
+    def _encode(self, crops: torch.Tensor) -> np.ndarray:
+        return pl.encode(self.encoder, crops, self.batch_size).cpu().numpy()
 
     def fill(self, table: FaceTable) -> None:
         self.flush()
-        for row, e in self.embeddings.items():
-            table.embeddings[row] = e
+        for rows, emb in self._pending:
+            table.embeddings[rows] = emb if isinstance(emb, np.ndarray) else emb.result()
 
 
 def embed_missing(table: FaceTable, needed: np.ndarray, video_of_row: np.ndarray, crop_files: list[Path],
@@ -479,7 +493,8 @@ def detect_video(path: Path, key: str, prefix: str, o: Video2FacesOptions, ws: W
     source = FrameSource(path, o, detector, decode_threads)  # opens it: unreadable files fail here
     sink = FaceSink(path, prefix, ws, o, writer, encoder.spec.meta.embedding_dim)
     store = CropStore(ws.crops_path(key))
-    embedder = Embedder(encoder, o, store)
+    side = side_worker(model_threads) if model_threads else None  # CPU: embeds beside detection
+    embedder = Embedder(encoder, o, store, side)
     geometry = pl.encoder_geometry(encoder, o.enc_area, o.enc_region)
     bar = tqdm(total=source.expected_frames(), unit="frame", desc=path.name[:30], file=sys.stderr,
                disable=None, leave=False)
@@ -498,6 +513,8 @@ def detect_video(path: Path, key: str, prefix: str, o: Video2FacesOptions, ws: W
         embedder.fill(table)
         store.finish()
     finally:
+        if side is not None:
+            side.shutdown(cancel_futures=True)
         store.abandon()
         source.close()
         bar.close()
