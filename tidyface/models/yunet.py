@@ -132,7 +132,7 @@ class YuNet(nn.Module, Detector):
         def network_input(batch: Tensor) -> Tensor:
             x = torch.empty((len(batch), 3, *padded), dtype=torch.float32, device=batch.device,
                             memory_format=fmt).zero_()  # zeros at bottom/right
-            x[..., :h, :w] = resize_bilinear(batch, (h, w)).flip(1)  # BGR, written once into the input
+            x[..., :h, :w] = resize_bilinear(batch.flip(1), (h, w))  # BGR (flipped as 8 bits), written once
             return x
 
         dets = postprocess(*forward_by_image(self, images, network_input), padded,
