@@ -200,3 +200,22 @@ def test_model_detect_refuses_other_batches(kind, name, chw, models):
     with pytest.raises(InputError) as e:
         models.get(name).detect(make(chw))
     _one_line(e, *names)
+
+
+@pytest.mark.parametrize("hw", [(360, 640), (517, 301), (900, 1600)])  # shrink, odd sizes, enlarge
+def test_bilinear_resize_of_8_bit_frames_is_cv2s(astronaut, hw):
+    import cv2
+
+    from tidyface.ops.resize import resize_bilinear
+
+    frames = np.stack([astronaut, astronaut[::-1].copy()])
+    nhwc = torch.from_numpy(frames).permute(0, 3, 1, 2)  # as frames come from numpy
+    want = torch.from_numpy(np.stack([cv2.resize(f, hw[::-1], interpolation=cv2.INTER_LINEAR) for f in frames]))
+    want = want.permute(0, 3, 1, 2).float()
+    for images in (nhwc, nhwc.contiguous()):  # either memory layout
+        got = resize_bilinear(images, hw)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    # the float path (other devices, float input) stays within a grey level of cv2's pixels
+    floats = resize_bilinear(nhwc.float(), hw)
+    assert floats.shape == want.shape and (floats - want).abs().max() <= 1.0
+    assert torch.equal(resize_bilinear(nhwc, nhwc.shape[-2:]), nhwc.float())  # same size: a cast
