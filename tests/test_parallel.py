@@ -78,3 +78,36 @@ def test_a_forked_child_gets_its_own_pool(threads):
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_in_order_keeps_order_bounds_the_work_in_flight_and_reports_errors():
+    from tidyface.ops.parallel import in_order, side_workers
+
+    started, active, most = [], [0], [0]
+    lock = threading.Lock()
+
+    def fn(x):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        started.append(x)
+        time.sleep(0.02 * (x % 3))  # later items may finish first
+        with lock:
+            active[0] -= 1
+        assert torch.is_inference_mode_enabled() and torch.get_num_threads() == 1
+        return x * x
+
+    pool = side_workers(1, 2)
+    try:
+        assert list(in_order(fn, iter(range(10)), pool)) == [x * x for x in range(10)]
+        assert most[0] == 2  # two at once, never more
+        consumed = in_order(fn, iter(range(100)), pool)
+        next(consumed)
+        time.sleep(0.1)
+        assert len(started) <= 10 + 3  # a slow consumer holds back the items it has not asked for
+        consumed.close()
+        with pytest.raises(ZeroDivisionError):
+            list(in_order(lambda x: 1 // (x - 4), range(8), pool))
+    finally:
+        pool.shutdown()
+    assert list(in_order(lambda x: x + 1, range(3), None)) == [1, 2, 3]  # no pool: the caller's thread

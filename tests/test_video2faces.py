@@ -112,7 +112,7 @@ def _faces(crops):
 
 
 def test_a_side_worker_embeds_in_order_and_reports_errors(tmp_path):
-    from tidyface.ops.parallel import side_worker
+    from tidyface.ops.parallel import side_workers
     from tidyface.options import Video2FacesOptions
     from tidyface.tasks.video2faces import CropStore, Embedder
     from tidyface.types import FaceTable
@@ -120,7 +120,7 @@ def test_a_side_worker_embeds_in_order_and_reports_errors(tmp_path):
     o = Video2FacesOptions(input="x", enc_batch_size=4, hash_thr=-1)
     crops = torch.randint(0, 250, (11, 3, 8, 8), dtype=torch.uint8)
     results = []
-    for worker in (None, side_worker(1)):
+    for worker in (None, side_workers(1)):
         enc = _ThreadedEncoder()
         e = Embedder(enc, o, CropStore(tmp_path / "c.raw"), worker)
         for part in (crops[:3], crops[3:9], crops[9:]):
@@ -138,7 +138,7 @@ def test_a_side_worker_embeds_in_order_and_reports_errors(tmp_path):
     assert {name for name, _ in side_calls} == {"tidyface-side_0"} and {n for _, n in side_calls} == {1}
     bad = crops.clone()
     bad[5, 0, 0, 0] = 255
-    worker = side_worker(1)
+    worker = side_workers(1)
     e = Embedder(_ThreadedEncoder(), o, CropStore(tmp_path / "d.raw"), worker)
     with pytest.raises(ValueError, match="bad crop"):
         e.add(_faces(bad[:8]))  # the batch in flight fails...

@@ -6,9 +6,10 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -35,15 +36,36 @@ def split_cpu_threads(device) -> tuple[int | None, int | None]:
     return decode, max(1, total - decode)
 
 
-def side_worker(threads: int) -> ThreadPoolExecutor:
-    """A single thread that runs torch at `threads` intra-op threads of its own, for a model that
-    can work beside the caller's (video2faces embeds on one while it detects on its own thread);
-    shut it down when done."""
+def side_workers(threads: int, count: int = 1) -> ThreadPoolExecutor:
+    """`count` threads that run torch at `threads` intra-op threads each, for models that work
+    beside the caller's thread (video2faces detects on two while it embeds on a third); shut
+    it down when done."""
     def start():
         torch.get_num_threads()  # see _pool: the first query fixes the thread's own count
         torch.set_num_threads(threads)
 
-    return ThreadPoolExecutor(1, thread_name_prefix="tidyface-side", initializer=start)
+    return ThreadPoolExecutor(count, thread_name_prefix="tidyface-side", initializer=start)
+
+
+def in_order(fn: Callable[[T], R], items: Iterable[T], pool: ThreadPoolExecutor | None,
+             depth: int = 2) -> Iterator[R]:
+    """fn(x) for x in items, yielded in order; with a pool, up to `depth` items at once on its
+    threads (each under inference mode, which is per thread), so memory stays bounded."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+
+    def run(x):
+        with torch.inference_mode():
+            return fn(x)
+
+    pending: deque = deque()
+    for x in items:
+        pending.append(pool.submit(run, x))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 @contextmanager

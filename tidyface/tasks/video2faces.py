@@ -33,7 +33,7 @@ from ..cache import ModelCache
 from ..errors import InputError, OutputError, TidyfaceError
 from ..models.base import PreparedImage, model_device
 from ..ops.image import atomic_write_bytes, write_image
-from ..ops.parallel import side_worker, split_cpu_threads, torch_threads
+from ..ops.parallel import in_order, side_workers, split_cpu_threads, torch_threads
 from ..options import Video2FacesOptions
 from ..types import Detections, Faces, FaceTable
 from . import dedup as dd
@@ -493,15 +493,19 @@ def detect_video(path: Path, key: str, prefix: str, o: Video2FacesOptions, ws: W
     source = FrameSource(path, o, detector, decode_threads)  # opens it: unreadable files fail here
     sink = FaceSink(path, prefix, ws, o, writer, encoder.spec.meta.embedding_dim)
     store = CropStore(ws.crops_path(key))
-    side = side_worker(model_threads) if model_threads else None  # CPU: embeds beside detection
+    # On CPU two threads detect (batches in turn) and a third embeds, beside the decoder.
+    side = side_workers(model_threads) if model_threads else None
+    finders = side_workers(model_threads, 2) if model_threads else None
     embedder = Embedder(encoder, o, store, side)
     geometry = pl.encoder_geometry(encoder, o.enc_area, o.enc_region)
     bar = tqdm(total=source.expected_frames(), unit="frame", desc=path.name[:30], file=sys.stderr,
                disable=None, leave=False)
     try:
         with torch_threads(model_threads):  # while the decoder runs beside the models
-            for n, batch in enumerate(source.batches()):
-                found = find_faces(batch, detector, geometry, o, enhancer)
+            def steps(batch):
+                return batch, find_faces(batch, detector, geometry, o, enhancer)
+
+            for n, (batch, found) in enumerate(in_order(steps, source.batches(), finders)):
                 sink.add(batch, found, embedder.add(found.faces))
                 if n == 0 and o.mode == "full" and o.engine != "ray":
                     # Only now: importing them holds the GIL, which before the first frame
@@ -513,8 +517,9 @@ def detect_video(path: Path, key: str, prefix: str, o: Video2FacesOptions, ws: W
         embedder.fill(table)
         store.finish()
     finally:
-        if side is not None:
-            side.shutdown(cancel_futures=True)
+        for pool in (side, finders):
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
         store.abandon()
         source.close()
         bar.close()
