@@ -4,7 +4,8 @@ Three parts, and two stages each re-runnable on its own:
 - the frame source (FrameSource): decoding, sampling and area, on a reader thread that also
   prepares each frame for the detector (its resize or letterbox), so that overlaps the models;
 - the steps (pipeline.py): detect -> reject by score, size and border -> align onto the
-  encoder's template -> describe (hash, quality) -> embed, batch by batch;
+  encoder's template -> describe (hash, quality) -> embed, batch by batch (on CPU, two threads
+  take the batches in turn up to describe, results in order, and a third embeds);
 - the sink (FaceSink): face pictures (cut straight from the full frame, each with its 3x3 crop
   matrix) in OUT/faces/, the video's face table in OUT/.tidyface/ (written atomically when the
   video is done: what resume relies on), rejects and frames on request.
