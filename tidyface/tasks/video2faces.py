@@ -318,18 +318,21 @@ def enhance_small(found: FrameFaces, frames: list[torch.Tensor], enhancer, geome
 
 class Embedder:
     """The embed step in full batches of enc_batch_size, and the hash window of the dedup pass:
-    a face that the window links to a recent one is almost always dropped as a duplicate, so
-    its embedding waits (NaN) and its crop goes to the CropStore.
+    a face that the window links to a recent one is likely a duplicate, so its embedding waits
+    (NaN) and its crop goes to the CropStore. The grouping embeds it when it keeps it or checks
+    its hash link by embeddings (by default every link is checked, so this defers work rather
+    than saving it: benchmarks/RESULTS.md, video2faces).
 
-    With a side worker (a thread of its own, ops.parallel.side_worker) the batches are embedded
-    there while the caller detects the next frames: on CPU the decoder leaves much of its core
-    idle once the models are the bottleneck (benchmarks/RESULTS.md, video2faces)."""
+    With a worker (a thread of its own, ops.parallel.side_workers) each batch is embedded there
+    while the caller detects the next frames, one batch in flight at a time: on CPU the decoder
+    leaves much of its core idle once the models are the bottleneck (benchmarks/RESULTS.md)."""
 
     def __init__(self, encoder, o: Video2FacesOptions, store: CropStore, worker: ThreadPoolExecutor | None = None):
         self.encoder, self.batch_size, self.store, self.worker = encoder, o.enc_batch_size, store, worker
         self.window = dd.HashWindow(o.hash_thr) if o.hash_thr != -1 else None
         self.rows, self._queue, self._queue_rows = 0, [], []
-        self._pending: list = []  # (rows, embeddings or their future)
+        self._done: list[tuple[np.ndarray, np.ndarray]] = []  # (rows, their embeddings)
+        self._flight = None  # (rows, future of their embeddings) on the worker
 
     def add(self, faces: Faces) -> np.ndarray:
         """Queue the faces (rows self.rows...); -> their crop_index (-1: embedded, not deferred)."""
@@ -354,20 +357,25 @@ class Embedder:
         crops, rows = torch.cat(self._queue), np.concatenate(self._queue_rows)
         self._queue, self._queue_rows = [], []
         if self.worker is None:
-            self._pending.append((rows, self._encode(crops)))
+            self._done.append((rows, self._encode(crops)))
             return
-        # At most one batch in flight besides the one being queued: memory stays bounded and
-        # an encoder error surfaces within a batch of faces.
-        self._pending = [(r, e.result() if not isinstance(e, np.ndarray) else e) for r, e in self._pending]
-        self._pending.append((rows, self.worker.submit(self._encode, crops)))
+        self._collect()  # memory stays bounded, and an encoder error surfaces a batch later
+        self._flight = (rows, self.worker.submit(self._encode, crops))
 
     def _encode(self, crops: torch.Tensor) -> np.ndarray:
         return pl.encode(self.encoder, crops, self.batch_size).cpu().numpy()
 
+    def _collect(self) -> None:
+        if self._flight is not None:
+            rows, future = self._flight
+            self._flight = None
+            self._done.append((rows, future.result()))
+
     def fill(self, table: FaceTable) -> None:
         self.flush()
-        for rows, emb in self._pending:
-            table.embeddings[rows] = emb if isinstance(emb, np.ndarray) else emb.result()
+        self._collect()
+        for rows, embeddings in self._done:
+            table.embeddings[rows] = embeddings
 
 
 def embed_missing(table: FaceTable, needed: np.ndarray, video_of_row: np.ndarray, crop_files: list[Path],
