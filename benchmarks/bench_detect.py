@@ -2,7 +2,7 @@
 
     python benchmarks/bench_detect.py [--frames 16] [--threads 2] [--rounds 2]
     python benchmarks/bench_detect.py --frames 32 --cpu-cost [--rounds 3]
-    python benchmarks/bench_detect.py --tables scrfd,yunet,centerface
+    python benchmarks/bench_detect.py --tables scrfd,yunet,centerface [--default-malloc]
 
 Frames are read once from shared/media/simplefr_video_with_identity_db/Video_2.mp4 (1280x720),
 one per second; every timing is the median over those frames of ms per frame, after a warm-up,
@@ -18,6 +18,10 @@ Models come as `load_model` builds them, and are called through the Detector pro
 batches (max_size 0: full resolution; None: the weights' default), and for RetinaFace also
 `prepare` + `detect_prepared`, the path video2faces takes (there `prepare` runs on the decoder's
 thread; here it is timed with the detector).
+
+The process runs with the `tidyface` command's allocator setting (`ops.memory.keep_freed_memory`,
+shared by the references in the same process); `--default-malloc` leaves glibc's default, under
+which every large activation is page-faulted in anew (YuNet at 720p: 52-81 against 38-45 ms/frame).
 
 --cpu-cost measures instead why frame workers pay on a CPU: tidyface's MTCNN only, wall and CPU
 time (`time.process_time`) per frame over all frames, for batch 1 on one and on --threads torch
@@ -248,11 +252,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tables", default=",".join(TABLES), help=f"comma-separated subset of {', '.join(TABLES)}")
     ap.add_argument("--cpu-cost", action="store_true", help="only the MTCNN CPU-cost table (see above)")
+    ap.add_argument("--default-malloc", action="store_true", help="without the tidyface command's allocator setting")
     args = ap.parse_args()
+    if not args.default_malloc:
+        from tidyface.ops.memory import keep_freed_memory
+
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     frames = read_frames(args.frames)
     load = loadavg()
-    print(f"{len(frames)} frames {frames[0].shape[1]}x{frames[0].shape[0]}, torch threads {args.threads}")
+    print(f"{len(frames)} frames {frames[0].shape[1]}x{frames[0].shape[0]}, torch threads {args.threads}, "
+          f"allocator: {'glibc default' if args.default_malloc else 'the tidyface command setting'}")
     if args.cpu_cost:
         cpu_cost(frames, args.threads, args.rounds)
         return

@@ -161,8 +161,12 @@ def main():
         return
     import torch
 
+    from tidyface.ops.memory import keep_freed_memory
+
+    keep_freed_memory()  # the speed rows run as the `tidyface` command would (both sides share it)
     torch.set_num_threads(args.threads)
-    print(f"torch threads {args.threads}, tile {args.tile}, overlap {args.overlap}, rounds {args.rounds}")
+    print(f"torch threads {args.threads}, tile {args.tile}, overlap {args.overlap}, rounds {args.rounds}, "
+          "allocator: the tidyface command setting (the memory rows: glibc default, fresh processes)")
     print("| model | input | ncnn ms | tidyface ms | speed-up |\n|---|---|---|---|---|")
     models = args.models.split(",")
     for name in models:
