@@ -99,15 +99,20 @@ def test_in_order_keeps_order_bounds_the_work_in_flight_and_reports_errors():
 
     pool = side_workers(1, 2)
     try:
-        assert list(in_order(fn, iter(range(10)), pool)) == [x * x for x in range(10)]
+        with torch.inference_mode():  # the caller's mode reaches the workers
+            assert list(in_order(fn, iter(range(10)), pool)) == [x * x for x in range(10)]
         assert most[0] == 2  # two at once, never more
-        consumed = in_order(fn, iter(range(100)), pool)
-        next(consumed)
+        with torch.inference_mode():
+            consumed = in_order(fn, iter(range(100)), pool)
+            next(consumed)
         time.sleep(0.1)
         assert len(started) <= 10 + 3  # a slow consumer holds back the items it has not asked for
         consumed.close()
         with pytest.raises(ZeroDivisionError):
             list(in_order(lambda x: 1 // (x - 4), range(8), pool))
+        assert list(in_order(lambda x: torch.is_grad_enabled(), range(3), pool)) == [True] * 3
+        with torch.no_grad():
+            assert list(in_order(lambda x: torch.is_grad_enabled(), range(3), pool)) == [False] * 3
     finally:
         pool.shutdown()
     assert list(in_order(lambda x: x + 1, range(3), None)) == [1, 2, 3]  # no pool: the caller's thread

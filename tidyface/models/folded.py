@@ -1,8 +1,9 @@
 """Layers of networks whose published weights are ONNX graphs with BatchNorm already folded
 into the convolutions (SCRFD, YuNet, CenterFace): a conv with a bias stands for upstream's
 conv + BN, so the converted weights load as they are and compute what the graph computes.
-Also how the three run their 1x1 convolutions (Conv2d) and a batch (forward_by_image) on the CPU;
-RetinaFace's convolutions are Conv2d too (video2faces runs it on one thread, in batches of 4)."""
+Also how the three run their 1x1 convolutions (Conv2d) and a batch (forward_by_image, which the
+enhancers use too) on the CPU; RetinaFace's convolutions are Conv2d too (video2faces runs it on
+one thread, in batches of 4)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -49,7 +50,8 @@ class DepthwiseSeparable(nn.Sequential):
         self.pointwise = ConvReLU(cin, cout, 1)
 
 
-def forward_by_image(model: nn.Module, images: Tensor, prepare: Callable[[Tensor], Tensor]) -> tuple[Tensor, ...]:
+def forward_by_image(model: nn.Module, images: Tensor, prepare: Callable[[Tensor], Tensor]
+                     ) -> Tensor | tuple[Tensor, ...]:
     """model(prepare(images)) for a batch; on the CPU one image at a time, each image's input
     prepared alone too, and the outputs concatenated on the batch axis (the same values: no layer
     mixes images). At video sizes a batch's input and activations outgrow the CPU caches: YuNet at
@@ -59,4 +61,6 @@ def forward_by_image(model: nn.Module, images: Tensor, prepare: Callable[[Tensor
     if images.device.type != "cpu" or len(images) <= 1:
         return model(prepare(images))
     outs = [model(prepare(images[i:i + 1])) for i in range(len(images))]
+    if isinstance(outs[0], Tensor):  # a model with one output (the enhancers)
+        return torch.cat(outs)
     return tuple(torch.cat(parts) for parts in zip(*outs))

@@ -40,23 +40,21 @@ def side_workers(threads: int, count: int = 1) -> ThreadPoolExecutor:
     """`count` threads that run torch at `threads` intra-op threads each, for models that work
     beside the caller's thread (video2faces detects on two while it embeds on a third); shut
     it down when done."""
-    def start():
-        torch.get_num_threads()  # see _pool: the first query fixes the thread's own count
-        torch.set_num_threads(threads)
-
-    return ThreadPoolExecutor(count, thread_name_prefix="tidyface-side", initializer=start)
+    return _new_pool((threads,) * count, "tidyface-side")
 
 
 def in_order(fn: Callable[[T], R], items: Iterable[T], pool: ThreadPoolExecutor | None,
              depth: int = 2) -> Iterator[R]:
     """fn(x) for x in items, yielded in order; with a pool, up to `depth` items at once on its
-    threads (each under inference mode, which is per thread), so memory stays bounded."""
+    threads, so memory stays bounded. fn runs in the caller's grad and inference mode (both per
+    thread), on whichever thread, as it would without a pool."""
     if pool is None:
         yield from map(fn, items)
         return
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def run(x):
-        with torch.inference_mode():
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             return fn(x)
 
     pending: deque = deque()
@@ -110,8 +108,13 @@ def map_frames(fn: Callable[[T], R], items: Sequence[T], device) -> list[R]:
 
 @functools.lru_cache(maxsize=1)
 def _pool(shares: tuple[int, ...]) -> ThreadPoolExecutor:
-    """One thread per share, kept between calls: each keeps its own OpenMP team (torch's thread
+    """map_frames' workers, kept between calls: each keeps its own OpenMP team (torch's thread
     count is per thread) warm."""
+    return _new_pool(shares, "tidyface-frames")
+
+
+def _new_pool(shares: tuple[int, ...], name: str) -> ThreadPoolExecutor:
+    """One thread per share, each running torch at its share of intra-op threads."""
     share = iter(shares)
     lock = threading.Lock()
 
@@ -123,7 +126,7 @@ def _pool(shares: tuple[int, ...]) -> ThreadPoolExecutor:
             torch.get_num_threads()
             torch.set_num_threads(next(share))
 
-    return ThreadPoolExecutor(len(shares), thread_name_prefix="tidyface-frames", initializer=start)
+    return ThreadPoolExecutor(len(shares), thread_name_prefix=name, initializer=start)
 
 
 # A forked child inherits the pool but not its threads: it would wait on them forever.
