@@ -10,9 +10,10 @@ per frame (a `--frame` sized frame of Video_2.mp4's first frame, resized), both 
 `--tile` input pixels with `--overlap` (the face fits in one tile). tidyface: `load_model` +
 `ops.tiles.enhance_tiled` (uint8 in and out). ncnn: the `ncnn` PyPI runtime (test-only
 dependency) on the same .param/.bin, float16 storage and arithmetic off (so both compute in
-float32 from the same float16-stored weights; its CPU default on hosts with fp16 arithmetic would
-differ), fed the same windows by the same tiler (an adapter object), `--threads` threads each.
-Median of `--rounds` after one warm-up.
+float32 from the same float16-stored weights), fed the same windows by the same tiler (an adapter
+object), `--threads` threads each; also with ncnn's own default options (its float16 paths where
+the CPU has them) against tidyface's `--precision bfloat16` (cache.in_precision). Median of
+`--rounds` after one warm-up.
 
 Memory: a fresh process per model enhances a `--photo` sized photo (astronaut.png resized) with
 tiles at the model's scale; its peak resident set during the call (VmHWM reset after the model and
@@ -67,13 +68,15 @@ def resized(size: tuple[int, int], source: str = "photo") -> np.ndarray:
 class NcnnEnhancer:
     """The ncnn runtime behind tidyface's Enhancer call, so the same tiler feeds both."""
 
-    def __init__(self, spec, threads: int):
+    def __init__(self, spec, threads: int, float32: bool = True):
         import ncnn
 
         stem = spec.files[0].filename.rsplit(".", 1)[0]
         self.spec, self.net = spec, ncnn.Net()
         opt = self.net.opt
-        opt.use_vulkan_compute = opt.use_fp16_packed = opt.use_fp16_storage = opt.use_fp16_arithmetic = False
+        opt.use_vulkan_compute = False
+        if float32:
+            opt.use_fp16_packed = opt.use_fp16_storage = opt.use_fp16_arithmetic = False
         opt.num_threads = threads
         self.net.load_param(str(NCNN_DIR / f"{stem}.param"))
         self.net.load_model(str(NCNN_DIR / f"{stem}.bin"))
@@ -103,21 +106,25 @@ def ms_per_call(fn, rounds: int) -> float:
 
 
 def speed_rows(name: str, args) -> list[list[str]]:
+    import copy
+
     import torch
 
+    from tidyface.cache import in_precision
     from tidyface.ops.tiles import enhance_tiled
     from tidyface.weights import load_model
 
     ours = load_model(name)
-    ref = NcnnEnhancer(ours.spec, args.threads)
+    sides = (NcnnEnhancer(ours.spec, args.threads), ours,
+             NcnnEnhancer(ours.spec, args.threads, float32=False), in_precision(copy.deepcopy(ours), "bfloat16"))
     rows = []
     frame = f"{args.frame[0]}x{args.frame[1]} frame"
     for what, img in (("128 px face", resized((128, 128), "face")), (frame, resized(args.frame, "frame"))):
         x = torch.from_numpy(img).permute(2, 0, 1)[None]
-        times = [ms_per_call(lambda m=m: enhance_tiled(m, x, args.tile, args.overlap), args.rounds)
-                 for m in (ref, ours)]
-        rows.append([name, what, f"{times[0]:.0f}", f"{times[1]:.0f}", f"{times[0] / times[1]:.2f}x"])
-        print(" | ".join(rows[-1]), flush=True)
+        t = [ms_per_call(lambda m=m: enhance_tiled(m, x, args.tile, args.overlap), args.rounds) for m in sides]
+        rows.append([name, what, f"{t[0]:.0f}", f"{t[1]:.0f}", f"{t[0] / t[1]:.2f}x",
+                     f"{t[2]:.0f}", f"{t[3]:.0f}", f"{t[2] / t[3]:.2f}x"])
+        print("| " + " | ".join(rows[-1]) + " |", flush=True)
     return rows
 
 
@@ -167,7 +174,8 @@ def main():
     torch.set_num_threads(args.threads)
     print(f"torch threads {args.threads}, tile {args.tile}, overlap {args.overlap}, rounds {args.rounds}, "
           "allocator: the tidyface command setting (the memory rows: glibc default, fresh processes)")
-    print("| model | input | ncnn ms | tidyface ms | speed-up |\n|---|---|---|---|---|")
+    print("| model | input | ncnn float32 ms | tidyface float32 ms | speed-up | ncnn defaults ms "
+          "| tidyface bfloat16 ms | speed-up |\n|---|---|---|---|---|---|---|---|")
     models = args.models.split(",")
     for name in models:
         speed_rows(name, args)

@@ -1,11 +1,12 @@
 """Whole video2faces run on Video_2.mp4 against the decode floor, with the default models.
 
-    python benchmarks/bench_video2faces.py [--threads 2] [--steps 1,0.25]
+    python benchmarks/bench_video2faces.py [--threads 2] [--steps 1,0.25] [--precisions float32,bfloat16]
     python benchmarks/bench_video2faces.py --startup [--rounds 5]
 
 The decode floor is the time to just read the sampled frames with the same reader (measured in
 the same process, right before and right after each run: the mean); the targets (issue 15) are
-whole run <= 1.5x the floor at --video-step 1 and <= 3x at 0.25 on 2 cores.
+whole run <= 1.5x the floor at --video-step 1 and <= 3x at 0.25 on 2 cores. Each step runs once
+per `--precisions` entry (the command's --precision), one after the other.
 
 --startup times instead, in fresh processes, from spawning `python` to the first frame that
 `tidyface video2faces` decodes (an import hook wraps ops.video.VideoReader.__next__, prints the
@@ -106,6 +107,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", default="1,0.25")
     ap.add_argument("--reader", default="opencv")
+    ap.add_argument("--precisions", default="float32,bfloat16")
     ap.add_argument("--startup", action="store_true", help="only the start-up table (see above)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of the start-up table")
     args = ap.parse_args()
@@ -126,13 +128,14 @@ def main():
     # grouping libraries (scipy/sklearn, ~0.3-0.8 s).
     o = Video2FacesOptions(input=str(VIDEO))  # the models a plain run picks
     defaults = {"det_model": o.det_model, "enc_model": o.enc_model}
-    models = default_cache()
+    models, precisions = default_cache(), args.precisions.split(",")
     for m in defaults.values():
-        models.get(m, "cpu")
+        for precision in precisions:
+            models.get(m, "cpu", precision=precision)
     import scipy.cluster.hierarchy  # noqa: F401
     import scipy.sparse.csgraph  # noqa: F401
     rows, load = [], open("/proc/loadavg").read().split()[:3]
-    for step in (float(s) for s in args.steps.split(",")):
+    for step, precision in ((float(s), p) for s in args.steps.split(",") for p in precisions):
         def read_only():
             t = time.perf_counter()
             with VideoReader(VIDEO, step=step, reader=args.reader) as r:
@@ -144,17 +147,20 @@ def main():
         n, before = read_only()
         with tempfile.TemporaryDirectory() as out:
             t = time.perf_counter()
-            s = video_to_faces(str(VIDEO), models, out_dir=out, video_step=step, video_reader=args.reader)
+            s = video_to_faces(str(VIDEO), models, out_dir=out, video_step=step, video_reader=args.reader,
+                               precision=precision)
             run = time.perf_counter() - t
         _, after = read_only()
         print(f"floor before {before:.2f} s, after {after:.2f} s", file=sys.stderr)
-        rows.append((step, n, (before + after) / 2, run, s["faces"], len(s["groups"])))
+        rows.append((step, precision, n, (before + after) / 2, run, s["faces"], len(s["groups"])))
     print(f"\nVideo_2.mp4 1280x720, 1972 frames; reader {args.reader}; torch threads {args.threads}; "
           f"defaults {defaults}; load {' '.join(load)} -> {' '.join(open('/proc/loadavg').read().split()[:3])}")
-    print("| --video-step | sampled frames | decode floor s | whole run s | run / floor | frames/s | faces | groups |")
-    print("|---|---|---|---|---|---|---|---|")
-    for step, n, floor, run, faces, groups in rows:
-        print(f"| {step} | {n} | {floor:.1f} | {run:.1f} | {run / floor:.2f} | {n / run:.1f} | {faces} | {groups} |")
+    print("| --video-step | --precision | sampled frames | decode floor s | whole run s | run / floor | frames/s "
+          "| faces | groups |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for step, precision, n, floor, run, faces, groups in rows:
+        print(f"| {step} | {precision} | {n} | {floor:.1f} | {run:.1f} | {run / floor:.2f} | {n / run:.1f} "
+              f"| {faces} | {groups} |")
 
 
 if __name__ == "__main__":

@@ -180,6 +180,8 @@ class SegmentationHead(nn.Module):
 class BiSeNet(nn.Module, Parser):
     """(B,3,H,W) normalised RGB (see `preprocess`; upstream: 512x512) -> (B,19,H,W) logits."""
 
+    reduced_precision = True
+
     def __init__(self, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.context = ContextPath()

@@ -82,6 +82,8 @@ class DlibResNet(nn.Module, Encoder):
     """(B,3,150,150) chips normalised by `preprocess` -> (B,128) L2-normalised embeddings;
     `forward_features` gives dlib's own descriptors (not normalised)."""
 
+    reduced_precision = True
+
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(3, STEM_WIDTH, 7, 2, 0)
@@ -103,7 +105,7 @@ class DlibResNet(nn.Module, Encoder):
         return self.embedding(x.mean((2, 3)))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.forward_features(x), dim=1)
+        return F.normalize(self.forward_features(x).float(), dim=1)  # float32 under --precision too: unit length
 
     def embed(self, crops: Tensor) -> Tensor:
         """Chips (B,3,150,150) RGB 0..255 -> L2-normalised embeddings: preprocess + forward."""

@@ -88,6 +88,8 @@ class EnhancerBase(nn.Module, Enhancer):
     small ONNX example: these nets cost ~0.6 to 17 MMAC per input pixel, and the exported graph
     does not depend on the example's size (4x6: even, as x2's pixel-unshuffle needs)."""
 
+    reduced_precision = True
+
     scale: int  # output pixels per input pixel, per axis
     input_multiple: int = 1  # H and W the forward needs a multiple of (pixel-unshuffle)
 

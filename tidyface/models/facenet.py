@@ -135,6 +135,8 @@ class ReductionB(nn.Module):
 class InceptionResnetV1(nn.Module, Encoder):
     """(B,3,160,160) standardised RGB (see `preprocess`) -> (B,512) L2-normalised embeddings."""
 
+    reduced_precision = True
+
     embedding_dim = 512
 
     def __init__(self):
@@ -159,7 +161,7 @@ class InceptionResnetV1(nn.Module, Encoder):
         x = self.conv_4b_3x3(self.conv_4a_3x3(self.conv_3b_1x1(self.maxpool_3a_3x3(x))))
         x = self.block17(self.reduction_a(self.block35(x)))
         x = self.block8_final(self.block8(self.reduction_b(x)))
-        return F.normalize(self.bottleneck(x.mean((2, 3))), p=2, dim=1)
+        return F.normalize(self.bottleneck(x.mean((2, 3))).float(), p=2, dim=1)  # float32 under --precision too: unit length
 
     def embed(self, crops: Tensor) -> Tensor:
         """Aligned RGB 0..255 crops (B,3,S,S) -> L2-normalised embeddings: preprocess + forward."""

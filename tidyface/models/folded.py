@@ -18,12 +18,13 @@ class Conv2d(nn.Conv2d):
     GEMM kernel instead (ConvParams::use_mkldnn), and these nets' thin 1x1 layers on large maps
     run slower there (SCRFD-500M at 640, one thread: 82 against 61 ms, the same values up to
     float rounding; RetinaFace mnet0.25 in video2faces at --video-step 0.25: 22.5 -> 20.1 s for
-    the whole run). Training, tracing and other devices keep PyTorch's own choice."""
+    the whole run). Training, tracing, autocast (--precision) and other devices keep PyTorch's own
+    choice."""
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if (self.kernel_size == (1, 1) and self.padding_mode == "zeros" and x.device.type == "cpu"
                 and x.dtype == torch.float32 and not torch.is_grad_enabled() and not torch.jit.is_tracing()
-                and torch.backends.mkldnn.is_available()):
+                and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available()):
             return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(self.padding), list(self.stride),
                                                      list(self.dilation), self.groups)
         return super()._conv_forward(x, weight, bias)

@@ -211,6 +211,8 @@ class GFPGANClean(nn.Module, Enhancer):
     about [-1, 1], not clamped. `noises`: one map per StyleConv (upstream's noise order, see
     `random_noises`); None uses the stored ones."""
 
+    reduced_precision = True
+
     def __init__(self, out_size: int = INPUT_SIZE, channel_multiplier: int = 2, narrow: float = 1.0,
                  style_dim: int = STYLE_DIM):
         super().__init__()

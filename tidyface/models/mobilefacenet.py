@@ -101,6 +101,8 @@ class EmbeddingHead(nn.Module):
 class MobileFaceNet(nn.Module, Encoder):
     """(B,3,112,112) normalised RGB (see `preprocess`) -> (B,128) L2-normalised embeddings."""
 
+    reduced_precision = True
+
     def __init__(self, embedding_dim: int = EMBEDDING_DIM):
         super().__init__()
         self.stem = ConvBNAct(3, 64, kernel=3, stride=2)  # 112 -> 56
@@ -121,7 +123,7 @@ class MobileFaceNet(nn.Module, Encoder):
         return self.embedding(self.global_depthwise(self.head(x)))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.forward_features(x), dim=1)
+        return F.normalize(self.forward_features(x).float(), dim=1)  # float32 under --precision too: unit length
 
     def embed(self, crops: Tensor) -> Tensor:
         """Aligned RGB 0..255 crops (B,3,S,S) -> L2-normalised embeddings: preprocess + forward."""

@@ -179,6 +179,8 @@ class RetinaFace(nn.Module, Detector):
     scores (background, face; softmax gives upstream's test-phase output), landmarks (B,P,10)
     regressions; P = sum over levels of ceil(H/s)*ceil(W/s)*2. `detect` runs the whole pipeline."""
 
+    reduced_precision = True
+
     onnx_outputs = ("loc", "logits", "landmarks")
 
     def __init__(self, backbone: str = "mobilenet0.25"):

@@ -188,6 +188,8 @@ class SCRFD(nn.Module, Detector):
     (same units); P = sum over strides s of ceil(H/s)*ceil(W/s)*2. Per level these are the ONNX
     graph's nine outputs (there for batch 1). `detect` runs the whole pipeline."""
 
+    reduced_precision = True
+
     onnx_outputs = ("scores", "boxes", "keypoints")
 
     def __init__(self, variant: str = "500m"):

@@ -78,6 +78,8 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module, Encoder):
     """(B,3,128,128) normalised RGB (see `preprocess`) -> (B,dim) L2-normalised embeddings."""
 
+    reduced_precision = True
+
     def __init__(self, dim: int, depth: int, heads: int, image_size: int = INPUT_SIZE,
                  patch: int = PATCH):
         super().__init__()
@@ -99,7 +101,7 @@ class VisionTransformer(nn.Module, Encoder):
         return self.norm(x[:, 0])
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.forward_features(x), dim=1)
+        return F.normalize(self.forward_features(x).float(), dim=1)  # float32 under --precision too: unit length
 
     def embed(self, crops: Tensor) -> Tensor:
         """RGB 0..255 crops (B,3,128,128) -> L2-normalised embeddings: preprocess + forward."""

@@ -94,10 +94,10 @@ class Anonymizer:
     def __init__(self, o: AnonymizeOptions, models: ModelCache | None = None):
         self.o = o
         self.device = resolve_device(o.device)
-        (self.detector,) = load_models(models, self.device, o.weights_dir, o.det_model)
+        (self.detector,) = load_models(models, self.device, o.weights_dir, o.det_model, precision=o.precision)
         self.parser, self._shape = None, None
         if o.region == "parse":
-            (self.parser,) = load_models(models, self.device, o.weights_dir, o.parse_model)
+            (self.parser,) = load_models(models, self.device, o.weights_dir, o.parse_model, precision=o.precision)
             self.geometry = pl.parser_geometry(self.parser)
             self.classes = torch.tensor([int(c) for c in o.classes.split(",")], dtype=torch.uint8)
             n = len(self.parser.spec.meta.class_names)

@@ -1,6 +1,7 @@
 """Shared plumbing of the tasks: the model cache they use, warnings, decode-ahead reading."""
 from __future__ import annotations
 
+import functools
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,21 +17,36 @@ def cache_or_default(models: ModelCache | None) -> ModelCache:
     return default_cache() if models is None else models
 
 
-def load_models(models: ModelCache | None, device, weights_dir, *names: str) -> list:
-    """Each named model from the cache, before any output is written (a run that cannot get
-    its weights must not leave a half-made folder); WeightsError names the file and the fix."""
+def load_models(models: ModelCache | None, device, weights_dir, *names: str, precision: str = "float32") -> list:
+    """Each named model from the cache (its network in `precision`: ModelCache.get), before any
+    output is written (a run that cannot get its weights must not leave a half-made folder);
+    WeightsError names the file and the fix."""
+    from ..models.base import model_device
     from ..weights import WeightsError
 
     cache = cache_or_default(models)
     loaded, missing = [], []
     for name in names:  # every missing file is named at once, not one per run
         try:
-            loaded.append(cache.get(name, device, weights_dir))
+            loaded.append(cache.get(name, device, weights_dir, precision))
         except WeightsError as e:
             missing.append(str(e))
     if missing:
         raise WeightsError(" | ".join(dict.fromkeys(missing)))
+    if precision == "bfloat16" and any(model_device(m).type == "cpu" for m in loaded):
+        _warn_if_bfloat16_is_emulated()
     return loaded
+
+
+@functools.cache
+def _warn_if_bfloat16_is_emulated() -> None:
+    import torch
+
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    if not native:
+        warn("--precision bfloat16: this CPU has neither AVX512-BF16 nor AMX, so bfloat16 is "
+             "emulated and slower than float32; use --precision float32 here")
 
 
 def progress(total: int | None, unit: str, desc: str):

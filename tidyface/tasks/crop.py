@@ -249,8 +249,8 @@ class Cropper:
                  padding: str = "constant", fill: float | Sequence[float] = 0.0,
                  crop_mode: str = "align", bbox_scale: float = DECA_BBOX_SCALE,
                  strategy: str = "all", det_model: str = DEFAULT_DETECTOR,
-                 det_threshold: float | None = None, device=None, batch_size: int = 8,
-                 weights_dir=None, post: Sequence[PostStep] = (), models: ModelCache | None = None,
+                 det_threshold: float | None = None, device=None, precision: str = "float32",
+                 batch_size: int = 8, weights_dir=None, post: Sequence[PostStep] = (), models: ModelCache | None = None,
                  parser: str = DEFAULT_PARSER, routing: Routing | None = None,
                  landmarks_model: str | None = None, enh_threshold: float | None = None,
                  enh_model: str = DEFAULT_ENHANCER, enh_tile: int = 256):
@@ -287,7 +287,7 @@ class Cropper:
         self.crop_mode, self.bbox_scale = crop_mode, float(bbox_scale)
         self.strategy = strategy
         self.det_model, self.det_threshold = det_model, det_threshold
-        self.device = resolve_device(device)
+        self.device, self.precision = resolve_device(device), precision
         self.batch_size = int(batch_size)
         self.weights_dir = weights_dir
         self.post = list(post)
@@ -324,7 +324,7 @@ class Cropper:
         share = float(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).mean()) / (item.size[0] * item.size[1])
         if share >= self.enh_threshold:
             return item
-        (model,) = load_models(self.models, self.device, self.weights_dir, self.enh_model)
+        (model,) = load_models(self.models, self.device, self.weights_dir, self.enh_model, precision=self.precision)
         s = float(model.spec.meta.scale)
         m = scale_matrix(s)[None]
         d = item.dets
@@ -338,10 +338,10 @@ class Cropper:
     def detected(self, frames: Iterable[tuple[object, np.ndarray]]) -> Iterator[_Item]:
         """Faces from the detector, with the landmarker's points when there is one; bbox mode
         then frames each face by its points' box, as it does for points from a file."""
-        (detector,) = load_models(self.models, self.device, self.weights_dir, self.det_model)
+        (detector,) = load_models(self.models, self.device, self.weights_dir, self.det_model, precision=self.precision)
         landmarker = None
         if self.landmarks_model:
-            (landmarker,) = load_models(self.models, self.device, self.weights_dir, self.landmarks_model)
+            (landmarker,) = load_models(self.models, self.device, self.weights_dir, self.landmarks_model, precision=self.precision)
         from_points = landmarker is not None and self.crop_mode == "bbox"
         for key, image, dets in pl.detect_stream(frames, detector, min_score=self.det_threshold,
                                                  batch_size=self.batch_size):
@@ -377,7 +377,7 @@ class Cropper:
             images = [pl.as_chw(items[i].image, self.device) for i in with_faces]
             faces = pl.align(images, dets, self.geometry(flags), self.padding, self.fill)
             if self.routing.active:
-                (parser,) = load_models(self.models, self.device, self.weights_dir, self.parser)
+                (parser,) = load_models(self.models, self.device, self.weights_dir, self.parser, precision=self.precision)
                 faces = pl.parse_into(parser, images, faces)
             faces = _to_source_pixels(faces, [items[i].scale for i in with_faces])
             faces.detections.image_index = torch.tensor(with_faces, device=self.device)[faces.image_index]
@@ -819,8 +819,8 @@ def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None 
     cropper = Cropper(o.output_size, face_factor=o.face_factor, template=o.template,
                       allow_skew=o.allow_skew, padding=o.padding, crop_mode=o.crop_mode,
                       bbox_scale=o.bbox_scale, strategy=o.strategy, det_model=o.det_model,
-                      det_threshold=o.det_threshold, device=o.device, batch_size=o.batch_size,
-                      weights_dir=o.weights_dir, post=post, models=models,
+                      det_threshold=o.det_threshold, device=o.device, precision=o.precision,
+                      batch_size=o.batch_size, weights_dir=o.weights_dir, post=post, models=models,
                       parser=o.parse_model, routing=o.routing(), landmarks_model=o.landmarks_model,
                       enh_threshold=o.enh_threshold, enh_model=o.enh_model)
     with OutputFolder(out, "crop", inputs) as folder:
@@ -833,11 +833,12 @@ def run_crop(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None 
             match = match_inputs(table, files, root)
             _check_given_faces(cropper, match.faces, table.path)
         else:  # the detector's weights before the output folder is touched
-            load_models(models, o.device, o.weights_dir, o.det_model, *filter(None, [o.landmarks_model]))
+            load_models(models, o.device, o.weights_dir, o.det_model, *filter(None, [o.landmarks_model]),
+                        precision=o.precision)
         if cropper.routing.active:
-            load_models(models, o.device, o.weights_dir, o.parse_model)
+            load_models(models, o.device, o.weights_dir, o.parse_model, precision=o.precision)
         if o.enh_threshold is not None:
-            load_models(models, o.device, o.weights_dir, o.enh_model)
+            load_models(models, o.device, o.weights_dir, o.enh_model, precision=o.precision)
         folder.claim(False, resume=True)  # refuses another command's folder, before anything goes
         _prepare_output(out, o.overwrite)  # crops.json names this command's files: exactly those go
         folder.record([MANIFEST, JOURNAL, *REPORT_FILES])

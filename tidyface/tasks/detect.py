@@ -25,7 +25,7 @@ DEFAULT_DETECTOR = "retinaface_mnet025"
 def detect(images: Sequence[np.ndarray | str | os.PathLike] | np.ndarray | str | os.PathLike,
            model: str = DEFAULT_DETECTOR, min_score: float | None = None, device=None,
            batch_size: int = 8, weights_dir=None, max_size: int | None = None,
-           models: ModelCache | None = None) -> Detections:
+           models: ModelCache | None = None, precision: str = "float32") -> Detections:
     """Detect faces in images; Detections.image_index indexes `images` (0 for a single image).
 
     images: one image or a list of them, each a path, a PIL image, a numpy array HxWx3 (HxW
@@ -41,21 +41,22 @@ def detect(images: Sequence[np.ndarray | str | os.PathLike] | np.ndarray | str |
     images, single = image_list(images)
     frames = ((i, as_rgb_uint8(im, "image" if single else f"images[{i}]"))
               for i, im in enumerate(images))
-    (detector,) = load_models(models, device, weights_dir, model)
+    (detector,) = load_models(models, device, weights_dir, model, precision=precision)
     parts = [d.shift_images(i) for i, _, d in
              detect_stream(frames, detector, min_score=min_score, max_size=max_size, batch_size=batch_size)]
     return Detections.cat(parts)
 
 
 def landmarks(images, model: str = "dlib68", det_model: str = DEFAULT_DETECTOR, min_score: float | None = None,
-              device=None, batch_size: int = 8, weights_dir=None, models: ModelCache | None = None) -> Detections:
+              device=None, batch_size: int = 8, weights_dir=None, models: ModelCache | None = None,
+              precision: str = "float32") -> Detections:
     """Detect faces and add each face's K points with the landmark `model`; images as for
     detect(); Detections.landmarks (N,K,2) in the images' pixels."""
     from ..ops.image import as_rgb_uint8, image_list
 
     images, single = image_list(images)
     frames = ((i, as_rgb_uint8(im, "image" if single else f"images[{i}]")) for i, im in enumerate(images))
-    detector, landmarker = load_models(models, device, weights_dir, det_model, model)
+    detector, landmarker = load_models(models, device, weights_dir, det_model, model, precision=precision)
     parts = [add_landmarks(landmarker, as_chw(im), d).shift_images(i) for i, im, d in
              detect_stream(frames, detector, min_score=min_score, batch_size=batch_size)]
     return Detections.cat(parts)
@@ -96,8 +97,8 @@ def run_detect(paths: Sequence[str], o: DetectOptions | LandmarksOptions, models
         warn("no images found in " + ", ".join(map(str, paths)))
         return 1
     root = Path(os.path.commonpath([str(p.resolve().parent) for p in files]))
-    (detector,) = load_models(models, o.device, o.weights_dir, o.detector)
-    landmarker = load_models(models, o.device, o.weights_dir, o.landmarker)[0] if o.landmarker else None
+    (detector,) = load_models(models, o.device, o.weights_dir, o.detector, precision=o.precision)
+    landmarker = load_models(models, o.device, o.weights_dir, o.landmarker, precision=o.precision)[0] if o.landmarker else None
     if folder is not None:
         folder.claim(False, resume=True)  # its own earlier drawings are redrawn; nobody else's
     failed: list[Path] = []

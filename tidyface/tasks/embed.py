@@ -35,10 +35,11 @@ def embed_images(items: Iterable[tuple[object, np.ndarray]], encoder, detector, 
 
 def embed(paths: Sequence[str | os.PathLike], model: str = DEFAULT_ENCODER, det_model: str = "retinaface_mnet025",
           min_score=None, device=None, batch_size: int = 32, enc_area=None, weights_dir=None,
-          models: ModelCache | None = None, failed: list | None = None, enc_region: str = "full") -> FaceTable:
+          models: ModelCache | None = None, failed: list | None = None, enc_region: str = "full",
+          precision: str = "float32") -> FaceTable:
     """Embed every face in images, folders (recursive) and .txt lists; unreadable files are
     warned about, skipped (and appended to `failed`). Returns the FaceTable (one row per face)."""
-    encoder, detector = load_models(models, device, weights_dir, model, det_model)
+    encoder, detector = load_models(models, device, weights_dir, model, det_model, precision=precision)
     files = list(expand_paths(paths))
     parts = []
     with progress(len(files), "img", "embed") as bar:
@@ -65,7 +66,7 @@ def run_embed(paths: Sequence[str], o: EmbedOptions, models: ModelCache | None =
         return 1
     failed: list[Path] = []
     table = embed(paths, o.model, o.det_model, o.min_score, o.device, o.batch_size, o.enc_area,
-                  o.weights_dir, models, failed, o.enc_region)
+                  o.weights_dir, models, failed, o.enc_region, o.precision)
     table.save(out)
     print(f"tidyface: {len(table)} faces from {len(set(table.source.tolist()))} images -> {out}"
           + (f"; {len(failed)} unreadable" if failed else ""), file=sys.stderr)

@@ -84,13 +84,13 @@ class ImageEnhancer:
     def __init__(self, o: EnhanceOptions, models: ModelCache | None = None):
         self.o = o
         dev = resolve_device(o.device)
-        (self.model,) = load_models(models, dev, o.weights_dir, o.model)
+        (self.model,) = load_models(models, dev, o.weights_dir, o.model, precision=o.precision)
         self.background = None
         self.detector = None
         if o.faces_only:
-            self.detector, = load_models(models, dev, o.weights_dir, o.det_model)
+            self.detector, = load_models(models, dev, o.weights_dir, o.det_model, precision=o.precision)
             if o.background != "resize":
-                (self.background,) = load_models(models, dev, o.weights_dir, o.background)
+                (self.background,) = load_models(models, dev, o.weights_dir, o.background, precision=o.precision)
         elif (self.model.spec.meta.scale or 1) == 1:
             raise UsageError(f"--model {o.model} does not enlarge images (scale 1: a face restorer); "
                              f"use it with --faces-only")

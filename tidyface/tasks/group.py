@@ -176,7 +176,7 @@ def run_group(path: str | None = None, out: str | None = None, *, options: Group
     with OutputFolder(o.out, "group", [src]) as folder:
         files = [p for p in expand_paths([src]) if p.suffix.lower() in IMAGE_EXTS]
         names = (o.enc_model,) if o.cropped and o.mode != "classify" else (o.enc_model, o.det_model)
-        encoder, *rest = load_models(models, o.device, o.weights_dir, *names)
+        encoder, *rest = load_models(models, o.device, o.weights_dir, *names, precision=o.precision)
         folder.claim(o.overwrite, others_files=False)
         return _group_into(folder, files, src, o, encoder, rest[0] if rest else None)
 

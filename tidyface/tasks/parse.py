@@ -57,25 +57,27 @@ def in_image(faces: Faces, image_index: int, size: tuple[int, int]) -> Tensor:
 
 
 def _parsing_cropper(parser, det_model: str, det_threshold, device, models, batch_size: int = 8,
-                     weights_dir=None):
+                     weights_dir=None, precision: str = "float32"):
     """A Cropper that cuts the parser's own crops (parser_geometry: FFHQ framing at its input
     size) and parses each batch of them (Faces.masks)."""
     from .crop import Cropper
 
     return Cropper(pl.parser_geometry(parser).size, template="ffhq", det_model=det_model,
-                   det_threshold=det_threshold, device=device, batch_size=batch_size, weights_dir=weights_dir,
+                   det_threshold=det_threshold, device=device, precision=precision, batch_size=batch_size,
+                   weights_dir=weights_dir,
                    padding="replicate", post=[lambda f: pl.parse(parser, f)], models=models)
 
 
 def parse(images, det_model: str = "retinaface_mnet025", parse_model: str = "bisenet_celebamask",
-          device=None, det_threshold: float | None = None, models: ModelCache | None = None) -> Faces:
+          device=None, det_threshold: float | None = None, models: ModelCache | None = None,
+          precision: str = "float32") -> Faces:
     """Parse the faces of in-memory images (a path, numpy RGB array, PIL image or tensor, or a
     list): Faces whose crops are the parser's aligned crops and whose masks are their (N,h,w)
     uint8 class maps (ids: the parser's spec.meta.class_names); image_index indexes `images`."""
     items, single = image_list(images)
     dev = resolve_device(device)
-    (parser,) = load_models(models, dev, None, parse_model)
-    cropper = _parsing_cropper(parser, det_model, det_threshold, dev, models)
+    (parser,) = load_models(models, dev, None, parse_model, precision=precision)
+    cropper = _parsing_cropper(parser, det_model, det_threshold, dev, models, precision=precision)
     return cropper.crop([as_rgb_uint8(im, "image" if single else f"images[{i}]") for i, im in enumerate(items)])
 
 
@@ -91,9 +93,10 @@ def run_parse(paths: Sequence[str], o: ParseOptions, models: ModelCache | None =
     if not files:
         raise UsageError("no images found in " + ", ".join(map(str, paths)))
     dev = resolve_device(o.device)
-    (parser,) = load_models(models, dev, o.weights_dir, o.parse_model)
-    load_models(models, dev, o.weights_dir, o.det_model)
-    cropper = _parsing_cropper(parser, o.det_model, o.det_threshold, dev, models, o.batch_size, o.weights_dir)
+    (parser,) = load_models(models, dev, o.weights_dir, o.parse_model, precision=o.precision)
+    load_models(models, dev, o.weights_dir, o.det_model, precision=o.precision)
+    cropper = _parsing_cropper(parser, o.det_model, o.det_threshold, dev, models, o.batch_size, o.weights_dir,
+                               o.precision)
     stems, failed, records = output_stems(files, root), [], {}
     with folder, progress(len(files), "img", "parse") as bar:
         folder.claim(o.overwrite, resume=False)

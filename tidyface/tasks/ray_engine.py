@@ -61,7 +61,7 @@ class DetectionWorker:
         self.o, self.ws = o, Workspace(Path(out))
         needed = (o.det_model, o.enc_model) + ((o.enh_model,) if o.enhance_below else ())
         self.models = ModelCache()
-        load_models(self.models, o.device, o.weights_dir, *needed)
+        load_models(self.models, o.device, o.weights_dir, *needed, precision=o.precision)
         self.writer = ThreadPoolExecutor(2)
         self.first_call = True
 

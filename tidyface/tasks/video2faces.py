@@ -652,7 +652,7 @@ def _part_sorter(o: Video2FacesOptions, ws: Workspace, models):
         return None
     from .face_parts import PartSorter
 
-    (parser,) = load_models(models, o.driver_device(), o.weights_dir, o.parse_model)
+    (parser,) = load_models(models, o.driver_device(), o.weights_dir, o.parse_model, precision=o.precision)
     return PartSorter(parser, routing, ws.faces, ws.state / "classes" / o.parse_model)
 
 
@@ -662,14 +662,14 @@ def group_stage(o: Video2FacesOptions, ws: Workspace, manifest: dict, models: Mo
     if not len(table):
         return {"faces": 0, "duplicates": 0, "groups": {}}
     det = manifest["detection"]
-    (encoder,) = load_models(models, o.driver_device(), o.weights_dir, det["enc_model"])
+    (encoder,) = load_models(models, o.driver_device(), o.weights_dir, det["enc_model"], precision=o.precision)
     crop_files = [ws.crops_path(k) for k in keys]
 
     def fill(t, needed):
         embed_missing(t, needed, video_of_row, crop_files, encoder, o.enc_batch_size)
 
     def references():
-        (detector,) = load_models(models, o.driver_device(), o.weights_dir, det["det_model"])
+        (detector,) = load_models(models, o.driver_device(), o.weights_dir, det["det_model"], precision=o.precision)
         return pl.reference_embeddings(Path(o.ref_dir), encoder, detector, area=o.enc_area,
                                        region=det.get("enc_region", "full"), masked=o.masked)
 
@@ -809,8 +809,9 @@ def detect_unit(unit: Unit, o, ws: Workspace, models, writer) -> dict:
     if unit.fragment != o.video_fragment:
         o = copy.copy(o)  # not replace(): the options are checked already
         o.video_fragment = unit.fragment
-    detector, encoder = load_models(models, o.device, o.weights_dir, o.det_model, o.enc_model)
-    enhancer = load_models(models, o.device, o.weights_dir, o.enh_model)[0] if o.enhance_below else None
+    detector, encoder = load_models(models, o.device, o.weights_dir, o.det_model, o.enc_model,
+                                    precision=o.precision)
+    enhancer = load_models(models, o.device, o.weights_dir, o.enh_model, precision=o.precision)[0] if o.enhance_below else None
     try:
         table, rejects, st = detect_video(path, key, unit.prefix, o, ws, detector, encoder, writer, enhancer)
     except (TidyfaceError, OSError) as e:  # this video fails, the others go on; a bug stops the run
@@ -854,7 +855,7 @@ def detection_stage(o: Video2FacesOptions, ws: Workspace, inp: Path, models, fol
     # weights before the first write: a run that cannot get them leaves no folder behind
     needed = (o.det_model, o.enc_model) + ((o.enh_model,) if o.enhance_below else ()) \
         + ((o.parse_model,) if o.mode == "full" and o.routing().active else ())
-    load_models(models, o.driver_device(), o.weights_dir, *needed)
+    load_models(models, o.driver_device(), o.weights_dir, *needed, precision=o.precision)
     man = _open_workspace(o, ws, videos, folder)
     for d in (ws.faces, ws.state):  # intermediate/ folders appear with their first file
         d.mkdir(parents=True, exist_ok=True)
