@@ -7,8 +7,8 @@ and the peak memory of enhancing a large photo with tiles.
 
 Rows per model: ms per 128 px face (one 128x128 crop, astronaut.png's face area-resized) and ms
 per frame (a `--frame` sized frame of Video_2.mp4's first frame, resized), both through tiles of
-`--tile` input pixels with `--overlap` (the face fits in one tile). tidyface: `load_model` +
-`ops.tiles.enhance_tiled` (uint8 in and out). ncnn: the `ncnn` PyPI runtime (test-only
+`--tile` input pixels with `--overlap` (the face fits in one tile). tidyface: the model as the
+command loads it (`ModelCache.get`) + `ops.tiles.enhance_tiled` (uint8 in and out). ncnn: the `ncnn` PyPI runtime (test-only
 dependency) on the same .param/.bin, float16 storage and arithmetic off (so both compute in
 float32 from the same float16-stored weights), fed the same windows by the same tiler (an adapter
 object), `--threads` threads each; also with ncnn's own default options (its float16 paths where
@@ -106,17 +106,15 @@ def ms_per_call(fn, rounds: int) -> float:
 
 
 def speed_rows(name: str, args) -> list[list[str]]:
-    import copy
-
     import torch
 
-    from tidyface.cache import in_precision
+    from tidyface.cache import ModelCache
     from tidyface.ops.tiles import enhance_tiled
-    from tidyface.weights import load_model
 
-    ours = load_model(name)
+    cache = ModelCache()  # as the command loads them (CPU weights channels-last)
+    ours = cache.get(name, "cpu")
     sides = (NcnnEnhancer(ours.spec, args.threads), ours,
-             NcnnEnhancer(ours.spec, args.threads, float32=False), in_precision(copy.deepcopy(ours), "bfloat16"))
+             NcnnEnhancer(ours.spec, args.threads, float32=False), cache.get(name, "cpu", precision="bfloat16"))
     rows = []
     frame = f"{args.frame[0]}x{args.frame[1]} frame"
     for what, img in (("128 px face", resized((128, 128), "face")), (frame, resized(args.frame, "frame"))):
@@ -131,11 +129,11 @@ def speed_rows(name: str, args) -> list[list[str]]:
 def memory_child(name: str, size: tuple[int, int], tile: int, overlap: int, threads: int) -> dict:
     import torch
 
+    from tidyface.cache import ModelCache
     from tidyface.ops.tiles import enhance_tiled
-    from tidyface.weights import load_model
 
     torch.set_num_threads(threads)
-    model = load_model(name)
+    model = ModelCache().get(name, "cpu")
     x = torch.from_numpy(resized(size)).permute(2, 0, 1)[None]
     reset_peak()
     base = vm_hwm_mib()

@@ -168,3 +168,22 @@ def test_the_flag_is_checked_up_front_and_reaches_the_cache(tmp_path, cache, cap
     assert run_detect([str(need(PHOTO))], DetectOptions(precision="bfloat16"), cache) == 0
     assert len([line for line in capsys.readouterr().out.splitlines() if line.strip()]) == 1
     assert any(key[0] == "retinaface_mnet025" and key[-1] == "bfloat16" for key in cache._models)
+
+
+def test_video2faces_in_bfloat16_classifies_as_float32_does(tmp_path):
+    """The whole video job: classify accuracy on the labelled Video_2 faces (float32: 43/50,
+    tests/test_video2faces.py)."""
+    import test_video2faces as tv
+
+    if not torch.cpu._is_avx512_bf16_supported():
+        pytest.skip("bfloat16 is emulated on this CPU (no AVX512-BF16): minutes instead of seconds")
+    from tidyface import video_to_faces
+
+    out = tmp_path / "out"
+    summary = video_to_faces(str(need(tv.VIDEO2)), out_dir=str(out), group_mode="classify",
+                             ref_dir=str(tv.refs_dir(tmp_path)), enc_oth_thr=0.8, precision="bfloat16")
+    people = [(t, p) for t, p in tv.labelled(out) if t != "none"]
+    right = sum(t == p for t, p in people)
+    print(f"video2faces --precision bfloat16: {summary['faces']} faces, {right}/{len(people)} labelled "
+          "faces to the right person")
+    assert len(people) >= 40 and right >= 42
