@@ -187,3 +187,16 @@ def test_video2faces_in_bfloat16_classifies_as_float32_does(tmp_path):
     print(f"video2faces --precision bfloat16: {summary['faces']} faces, {right}/{len(people)} labelled "
           "faces to the right person")
     assert len(people) >= 40 and right >= 42
+
+
+def test_float16_on_the_cpu_warns_once_that_it_is_slow(cache, capsys):
+    from tidyface.tasks.common import _warn_if_emulated_on_cpu, load_models
+
+    need(WEIGHTS / "mobilenet0.25_Final.pth")
+    _warn_if_emulated_on_cpu.cache_clear()
+    for _ in range(2):
+        (model,) = load_models(cache, "cpu", None, "retinaface_mnet025", precision="float16")
+    err = capsys.readouterr().err
+    assert err.count("--precision float16 on the CPU") == 1 and "bfloat16 or float32" in err
+    with torch.inference_mode():
+        assert all(t.dtype == torch.float32 for t in model(torch.rand(1, 3, 32, 32)))
