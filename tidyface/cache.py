@@ -24,8 +24,9 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 
 class ModelCache:
     """Up to `capacity` models, least recently used dropped first, keyed by (name, device,
-    weights_dir, precision). Capacity 16 holds a whole pipeline (detector, landmarker, parser, enhancer,
-    encoder) on two devices with room to spare; 0 keeps nothing (every `get` loads afresh)."""
+    weights_dir, precision). Capacity 16 holds a whole pipeline (detector, landmarker, parser,
+    enhancer, encoder) on two devices with room to spare; 0 keeps nothing (every `get` loads
+    afresh)."""
 
     def __init__(self, capacity: int = 16):
         if int(capacity) < 0:

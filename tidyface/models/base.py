@@ -1,12 +1,14 @@
 """The five model protocols: what a task may call on a model, and nothing else.
 
 Every registered model belongs to one (`WeightSpec.task` names it) and carries its `spec`
-(`load_model` sets it). A model class whose forward is its network alone (decoding, if any,
-runs after it) says `reduced_precision = True`, and `--precision bfloat16` / `float16` then
-runs that forward under autocast (cache.in_precision); the default False keeps a model float32. Each has one batched call; settings such as `min_score` are arguments
+(`load_model` sets it). Each has one batched call; settings such as `min_score` are arguments
 of that call, so a model shared through a cache is never changed by a task. A model class
 subclasses its protocol (`class RetinaFace(nn.Module, Detector)`) to inherit the default
 methods; a plugin does the same.
+
+A model class whose forward is its network alone (decoding, if any, runs after it) may say
+`reduced_precision = True`: `--precision bfloat16` / `float16` then runs that forward under
+autocast (cache.in_precision). Without it a model stays float32.
 """
 from __future__ import annotations
 

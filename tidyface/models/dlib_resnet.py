@@ -105,7 +105,8 @@ class DlibResNet(nn.Module, Encoder):
         return self.embedding(x.mean((2, 3)))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.forward_features(x).float(), dim=1)  # float32 under --precision too: unit length
+        # normalised in float32 under --precision too, so embeddings have unit length
+        return F.normalize(self.forward_features(x).float(), dim=1)
 
     def embed(self, crops: Tensor) -> Tensor:
         """Chips (B,3,150,150) RGB 0..255 -> L2-normalised embeddings: preprocess + forward."""

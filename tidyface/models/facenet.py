@@ -161,7 +161,8 @@ class InceptionResnetV1(nn.Module, Encoder):
         x = self.conv_4b_3x3(self.conv_4a_3x3(self.conv_3b_1x1(self.maxpool_3a_3x3(x))))
         x = self.block17(self.reduction_a(self.block35(x)))
         x = self.block8_final(self.block8(self.reduction_b(x)))
-        return F.normalize(self.bottleneck(x.mean((2, 3))).float(), p=2, dim=1)  # float32 under --precision too: unit length
+        # normalised in float32 under --precision too, so embeddings have unit length
+        return F.normalize(self.bottleneck(x.mean((2, 3))).float(), p=2, dim=1)
 
     def embed(self, crops: Tensor) -> Tensor:
         """Aligned RGB 0..255 crops (B,3,S,S) -> L2-normalised embeddings: preprocess + forward."""

@@ -123,7 +123,8 @@ class MobileFaceNet(nn.Module, Encoder):
         return self.embedding(self.global_depthwise(self.head(x)))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.forward_features(x).float(), dim=1)  # float32 under --precision too: unit length
+        # normalised in float32 under --precision too, so embeddings have unit length
+        return F.normalize(self.forward_features(x).float(), dim=1)
 
     def embed(self, crops: Tensor) -> Tensor:
         """Aligned RGB 0..255 crops (B,3,S,S) -> L2-normalised embeddings: preprocess + forward."""

@@ -101,7 +101,8 @@ class VisionTransformer(nn.Module, Encoder):
         return self.norm(x[:, 0])
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.forward_features(x).float(), dim=1)  # float32 under --precision too: unit length
+        # normalised in float32 under --precision too, so embeddings have unit length
+        return F.normalize(self.forward_features(x).float(), dim=1)
 
     def embed(self, crops: Tensor) -> Tensor:
         """RGB 0..255 crops (B,3,128,128) -> L2-normalised embeddings: preprocess + forward."""

@@ -299,6 +299,10 @@ class Cropper:
         self.enh_threshold, self.enh_model, self.enh_tile = enh_threshold, enh_model, int(enh_tile)
 
     # -- geometry of one batch
+    def _model(self, name: str):
+        (model,) = load_models(self.models, self.device, self.weights_dir, name, precision=self.precision)
+        return model
+
     def geometry(self, from_landmarks: Tensor | bool = False) -> pl.Geometry:
         """The crop geometry; from_landmarks (per face) tells bbox mode which boxes are landmark
         outlines. Align mode frames faces without landmarks by their boxes (pipeline.Alignment)."""
@@ -324,7 +328,7 @@ class Cropper:
         share = float(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).mean()) / (item.size[0] * item.size[1])
         if share >= self.enh_threshold:
             return item
-        (model,) = load_models(self.models, self.device, self.weights_dir, self.enh_model, precision=self.precision)
+        model = self._model(self.enh_model)
         s = float(model.spec.meta.scale)
         m = scale_matrix(s)[None]
         d = item.dets
@@ -338,10 +342,10 @@ class Cropper:
     def detected(self, frames: Iterable[tuple[object, np.ndarray]]) -> Iterator[_Item]:
         """Faces from the detector, with the landmarker's points when there is one; bbox mode
         then frames each face by its points' box, as it does for points from a file."""
-        (detector,) = load_models(self.models, self.device, self.weights_dir, self.det_model, precision=self.precision)
+        detector = self._model(self.det_model)
         landmarker = None
         if self.landmarks_model:
-            (landmarker,) = load_models(self.models, self.device, self.weights_dir, self.landmarks_model, precision=self.precision)
+            landmarker = self._model(self.landmarks_model)
         from_points = landmarker is not None and self.crop_mode == "bbox"
         for key, image, dets in pl.detect_stream(frames, detector, min_score=self.det_threshold,
                                                  batch_size=self.batch_size):
@@ -377,7 +381,7 @@ class Cropper:
             images = [pl.as_chw(items[i].image, self.device) for i in with_faces]
             faces = pl.align(images, dets, self.geometry(flags), self.padding, self.fill)
             if self.routing.active:
-                (parser,) = load_models(self.models, self.device, self.weights_dir, self.parser, precision=self.precision)
+                parser = self._model(self.parser)
                 faces = pl.parse_into(parser, images, faces)
             faces = _to_source_pixels(faces, [items[i].scale for i in with_faces])
             faces.detections.image_index = torch.tensor(with_faces, device=self.device)[faces.image_index]
