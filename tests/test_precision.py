@@ -43,7 +43,7 @@ def test_float32_leaves_the_model_as_loaded_and_each_precision_is_its_own_entry(
 
 
 def test_a_model_whose_class_does_not_opt_in_stays_float32():
-    model = load_model("yunet", pretrained=False)  # its boxes moved by 4% of a face in bfloat16
+    model = load_model("centerface", pretrained=False)  # its boxes moved by 4% of a face in bfloat16
     assert in_precision(model, "bfloat16") is model and "forward" not in vars(model)
 
 
@@ -65,13 +65,26 @@ def test_the_network_computes_in_bfloat16_on_any_thread_and_returns_float32(cach
     assert all(torch.equal(a, b) for a, b in zip(here, there))
 
 
+def test_the_layers_a_model_keeps_in_float32_compute_in_float32():
+    model = in_precision(load_model("yunet", pretrained=False).eval(), "bfloat16")
+    seen = {}
+    for name in ("backbone.model0.conv1.conv", "cls_heads.0.pointwise", "kps_heads.2.depthwise.conv"):
+        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen.update({name: o.dtype}))
+    with torch.inference_mode():
+        out = model(torch.rand(1, 3, 64, 96) * 255)
+    assert seen == {"backbone.model0.conv1.conv": torch.bfloat16, "cls_heads.0.pointwise": torch.float32,
+                    "kps_heads.2.depthwise.conv": torch.float32}
+    assert all(t.dtype == torch.float32 for t in out)
+
+
 def matched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """For each row of a (N,D), the row of b closest to it in max-abs distance."""
     return b[(a[:, None] - b[None]).abs().flatten(2).amax(-1).argmin(1)]
 
 
 @pytest.mark.parametrize("name, weights", [("retinaface_mnet025", "mobilenet0.25_Final.pth"),
-                                           ("scrfd_500m", "det_500m.onnx")])
+                                           ("scrfd_500m", "det_500m.onnx"),
+                                           ("yunet", "face_detection_yunet_2023mar.onnx")])
 def test_detectors_find_the_same_faces_within_1_percent_of_their_size(cache, photo, name, weights):
     need(WEIGHTS / weights)
     full, half = both(cache, name)

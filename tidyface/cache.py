@@ -89,10 +89,11 @@ def in_precision(model, precision: str):
     points and scores are decoded in float32 as before. The weights stay float32.
     Only models whose class says `reduced_precision = True` change: a forward that is the
     network alone, decoding after it, checked against float32 (tests/test_precision.py). The
-    others stay float32: dlib's regression trees, and the detectors whose boxes moved by 4%
-    of a face in bfloat16 (YuNet, CenterFace) or that have no real weights here to check
-    (YOLOv3, Faster R-CNN, the 106-point net). On a CPU with AVX512-BF16, bfloat16 runs
-    RetinaFace 2.2x and MobileFaceNet 1.8x as fast (benchmarks/RESULTS.md)."""
+    submodules it names in `float32_layers` (a ModuleList: each of them) compute in float32.
+    The others stay float32: dlib's regression trees, and the detectors whose boxes moved by
+    4% of a face in bfloat16 (CenterFace) or that have no real weights here to check (YOLOv3,
+    Faster R-CNN, the 106-point net). On a CPU with AVX512-BF16, bfloat16 runs RetinaFace 2.2x
+    and MobileFaceNet 1.8x as fast (benchmarks/RESULTS.md)."""
     if precision == "float32" or not getattr(model, "reduced_precision", False):
         return model
     import functools
@@ -103,6 +104,10 @@ def in_precision(model, precision: str):
 
     dtype, device_type = getattr(torch, precision), model_device(model).type
     network = model.forward
+    for name in getattr(model, "float32_layers", ()):
+        layer = model.get_submodule(name)
+        for part in (layer if isinstance(layer, torch.nn.ModuleList) else [layer]):
+            part.forward = _in_float32(part.forward, device_type)
 
     @functools.wraps(network)
     def forward(*args, **kwargs):
@@ -112,6 +117,19 @@ def in_precision(model, precision: str):
 
     model.forward = forward
     return model
+
+
+def _in_float32(forward, device_type: str):
+    import functools
+
+    import torch
+
+    @functools.wraps(forward)
+    def run(*args):
+        with torch.autocast(device_type, enabled=False):
+            return forward(*_as_float32(args))
+
+    return run
 
 
 def _as_float32(out):
