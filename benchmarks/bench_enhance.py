@@ -3,7 +3,7 @@ and the peak memory of enhancing a large photo with tiles.
 
     python benchmarks/bench_enhance.py [--models realesr_animevideov3_x4_ncnn,...] [--threads 2]
         [--rounds 3] [--tile 256] [--overlap 18] [--frame 1280x720] [--photo 4000x3000]
-        [--no-memory]
+        [--inputs face,frame] [--no-memory]
 
 Rows per model: ms per 128 px face (one 128x128 crop, astronaut.png's face area-resized) and ms
 per frame (a `--frame` sized frame of Video_2.mp4's first frame, resized), both through tiles of
@@ -116,8 +116,9 @@ def speed_rows(name: str, args) -> list[list[str]]:
     sides = (NcnnEnhancer(ours.spec, args.threads), ours,
              NcnnEnhancer(ours.spec, args.threads, float32=False), cache.get(name, "cpu", precision="bfloat16"))
     rows = []
-    frame = f"{args.frame[0]}x{args.frame[1]} frame"
-    for what, img in (("128 px face", resized((128, 128), "face")), (frame, resized(args.frame, "frame"))):
+    inputs = {"face": ("128 px face", lambda: resized((128, 128), "face")),
+              "frame": (f"{args.frame[0]}x{args.frame[1]} frame", lambda: resized(args.frame, "frame"))}
+    for what, img in ((inputs[k][0], inputs[k][1]()) for k in args.inputs.split(",")):
         x = torch.from_numpy(img).permute(2, 0, 1)[None]
         t = [ms_per_call(lambda m=m: enhance_tiled(m, x, args.tile, args.overlap), args.rounds) for m in sides]
         rows.append([name, what, f"{t[0]:.0f}", f"{t[1]:.0f}", f"{t[0] / t[1]:.2f}x",
@@ -158,6 +159,8 @@ def main():
     ap.add_argument("--overlap", type=int, default=18)
     ap.add_argument("--frame", type=size_arg, default=(1280, 720))
     ap.add_argument("--photo", type=size_arg, default=(4000, 3000))
+    ap.add_argument("--inputs", default="face,frame", help="speed rows: face, frame or both (the RRDB "
+                    "files take minutes per 720p frame)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
