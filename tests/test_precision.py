@@ -125,14 +125,15 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * np.log10(255 ** 2 / max(((a - b) ** 2).mean().item(), 1e-12))
 
 
-def test_the_compact_enhancer_restores_a_real_face_alike(cache, photo_faces):
+@pytest.mark.parametrize("name, size", [("realesr_animevideov3_x4_ncnn", 96), ("realesrgan_x4plus_anime_ncnn", 64)])
+def test_the_enhancers_restore_a_real_face_alike(cache, photo_faces, name, size):
     need(WEIGHTS / "realesrgan_ncnn")
-    full, half = both(cache, "realesr_animevideov3_x4_ncnn")
+    full, half = both(cache, name)
     photo, dets = photo_faces
     x0, y0 = dets.boxes[0, :2].int().tolist()
-    face = photo[None, :, y0:y0 + 96, x0:x0 + 96]
+    face = photo[None, :, y0:y0 + size, x0:x0 + size]
     db = psnr(full.enhance(face), half.enhance(face))
-    print(f"realesr_animevideov3_x4_ncnn bfloat16 vs float32 on a 96 px face: PSNR {db:.1f} dB")
+    print(f"{name} bfloat16 vs float32 on a {size} px face: PSNR {db:.1f} dB")
     assert db >= 45
 
 
