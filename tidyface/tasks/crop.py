@@ -250,8 +250,8 @@ class Cropper:
                  crop_mode: str = "align", bbox_scale: float = DECA_BBOX_SCALE,
                  strategy: str = "all", det_model: str = DEFAULT_DETECTOR,
                  det_threshold: float | None = None, device=None, precision: str = "float32",
-                 batch_size: int = 8, weights_dir=None, post: Sequence[PostStep] = (), models: ModelCache | None = None,
-                 parser: str = DEFAULT_PARSER, routing: Routing | None = None,
+                 batch_size: int = 8, weights_dir=None, post: Sequence[PostStep] = (),
+                 models: ModelCache | None = None, parser: str = DEFAULT_PARSER, routing: Routing | None = None,
                  landmarks_model: str | None = None, enh_threshold: float | None = None,
                  enh_model: str = DEFAULT_ENHANCER, enh_tile: int = 256):
         self.size = parse_size(output_size)

@@ -98,7 +98,8 @@ def run_detect(paths: Sequence[str], o: DetectOptions | LandmarksOptions, models
         return 1
     root = Path(os.path.commonpath([str(p.resolve().parent) for p in files]))
     (detector,) = load_models(models, o.device, o.weights_dir, o.detector, precision=o.precision)
-    landmarker = load_models(models, o.device, o.weights_dir, o.landmarker, precision=o.precision)[0] if o.landmarker else None
+    landmarker = (load_models(models, o.device, o.weights_dir, o.landmarker, precision=o.precision)[0]
+                  if o.landmarker else None)
     if folder is not None:
         folder.claim(False, resume=True)  # its own earlier drawings are redrawn; nobody else's
     failed: list[Path] = []

@@ -811,7 +811,8 @@ def detect_unit(unit: Unit, o, ws: Workspace, models, writer) -> dict:
         o.video_fragment = unit.fragment
     detector, encoder = load_models(models, o.device, o.weights_dir, o.det_model, o.enc_model,
                                     precision=o.precision)
-    enhancer = load_models(models, o.device, o.weights_dir, o.enh_model, precision=o.precision)[0] if o.enhance_below else None
+    enhancer = (load_models(models, o.device, o.weights_dir, o.enh_model, precision=o.precision)[0]
+                if o.enhance_below else None)
     try:
         table, rejects, st = detect_video(path, key, unit.prefix, o, ws, detector, encoder, writer, enhancer)
     except (TidyfaceError, OSError) as e:  # this video fails, the others go on; a bug stops the run
