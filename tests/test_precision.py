@@ -10,7 +10,7 @@ import torch
 
 from conftest import MEDIA, WEIGHTS, need, pypi_upstream
 from tidyface import registry
-from tidyface.cache import ModelCache, in_precision
+from tidyface.cache import ModelCache, cpu_has_bfloat16, in_precision
 from tidyface.ops.fuse import fuse_conv_bn
 from tidyface.ops.image import read_image
 from tidyface.tasks import pipeline as pl
@@ -189,8 +189,8 @@ def test_video2faces_in_bfloat16_classifies_as_float32_does(tmp_path):
     tests/test_video2faces.py)."""
     import test_video2faces as tv
 
-    if not torch.cpu._is_avx512_bf16_supported():
-        pytest.skip("bfloat16 is emulated on this CPU (no AVX512-BF16): minutes instead of seconds")
+    if not cpu_has_bfloat16():
+        pytest.skip("bfloat16 is emulated on this CPU (no AVX512-BF16 or AMX): minutes instead of seconds")
     from tidyface import video_to_faces
 
     out = tmp_path / "out"

@@ -22,6 +22,15 @@ def resolve_device(device=None):
 PRECISIONS = ("float32", "bfloat16", "float16")
 
 
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere it is emulated,
+    slower than float32."""
+    import torch
+
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 class ModelCache:
     """Up to `capacity` models, least recently used dropped first, keyed by (name, device,
     weights_dir, precision). Capacity 16 holds a whole pipeline (detector, landmarker, parser,

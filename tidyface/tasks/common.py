@@ -40,13 +40,12 @@ def load_models(models: ModelCache | None, device, weights_dir, *names: str, pre
 
 @functools.cache
 def _warn_if_emulated_on_cpu(precision: str) -> None:
-    import torch
+    from ..cache import cpu_has_bfloat16
 
     if precision == "float16":  # autocast runs it, but few CPUs have float16 arithmetic
         warn("--precision float16 on the CPU: about 10x slower than float32 (RetinaFace, measured); "
              "use --precision bfloat16 or float32 there")
-    elif not (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-              or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()):
+    elif not cpu_has_bfloat16():
         warn("--precision bfloat16: this CPU has neither AVX512-BF16 nor AMX, so bfloat16 is "
              "emulated and slower than float32; use --precision float32 here")
 
