@@ -11,6 +11,7 @@ import torch
 from conftest import MEDIA, WEIGHTS, need, pypi_upstream
 from tidyface import registry
 from tidyface.cache import ModelCache, cpu_has_bfloat16, in_precision
+from tidyface.models.yunet import HEADS
 from tidyface.ops.fuse import fuse_conv_bn
 from tidyface.ops.image import read_image
 from tidyface.tasks import pipeline as pl
@@ -67,13 +68,23 @@ def test_the_network_computes_in_bfloat16_on_any_thread_and_returns_float32(cach
 
 def test_the_layers_a_model_keeps_in_float32_compute_in_float32():
     model = in_precision(load_model("yunet", pretrained=False).eval(), "bfloat16")
-    seen = {}
-    for name in ("backbone.model0.conv1.conv", "cls_heads.0.pointwise", "kps_heads.2.depthwise.conv"):
-        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen.update({name: o.dtype}))
+    seen, levels = {}, []
+    model.backbone.model0.conv1.conv.register_forward_hook(lambda m, i, o: seen.update(backbone=o.dtype))
+    level_heads = model._level_heads  # YuNet runs a level's heads as stacked convolutions
+
+    def record(i, f):
+        levels.append((i, f, level_heads(i, f)))
+        return levels[-1][2]
+
+    model._level_heads = record
     with torch.inference_mode():
         out = model(torch.rand(1, 3, 64, 96) * 255)
-    assert seen == {"backbone.model0.conv1.conv": torch.bfloat16, "cls_heads.0.pointwise": torch.float32,
-                    "kps_heads.2.depthwise.conv": torch.float32}
+        assert seen == {"backbone": torch.bfloat16} and len(levels) == 3
+        for i, f, heads in levels:
+            assert f.dtype == torch.bfloat16 and all(h.dtype == torch.float32 for h in heads)
+            # each head unit on its own, as in_precision keeps it: float32 from the same map
+            alone = [getattr(model, f"{name}_heads")[i](f) for name, _ in HEADS]
+            assert all(a.dtype == torch.float32 and torch.allclose(a, h, atol=1e-5) for a, h in zip(alone, heads))
     assert all(t.dtype == torch.float32 for t in out)
 
 

@@ -34,7 +34,8 @@ from ..ops.resize import resize_bilinear, round_up
 from ..registry import FIVE_POINTS, ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
 from ..types import Detections
 from .base import Detector, PreparedImage
-from .folded import Conv2d, ConvReLU, DepthwiseSeparable, forward_by_image
+from .folded import (Conv2d, ConvReLU, DepthwiseSeparable, forward_by_image, out_channels,
+                     sibling_convs)
 
 STRIDES = (8, 16, 32)
 NUM_ANCHORS = 2  # anchor_generator scales [1, 2]: two anchors per cell, same point
@@ -170,16 +171,16 @@ class SCRFDHead(nn.Module):
         self.box_scales = nn.Parameter(torch.ones(len(STRIDES))) if scales else None
 
     def forward(self, feats: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        scores, boxes, kps = [], [], []
+        scores, boxes, points = [], [], []
         for i, f in enumerate(feats):
-            t = self.towers[i](f)
-            box = self.box[i](t)
+            heads = (self.cls[i], self.box[i], self.kps[i])
+            cls, box, kps = sibling_convs(self.towers[i](f), heads).split(out_channels(heads), 1)
             if self.box_scales is not None:
                 box = box * self.box_scales[i]
-            scores.append(flatten_head(self.cls[i](t), 1).sigmoid())
+            scores.append(flatten_head(cls, 1).sigmoid())
             boxes.append(flatten_head(box, 4))
-            kps.append(flatten_head(self.kps[i](t), 10))
-        return torch.cat(scores, 1), torch.cat(boxes, 1), torch.cat(kps, 1)
+            points.append(flatten_head(kps, 10))
+        return torch.cat(scores, 1), torch.cat(boxes, 1), torch.cat(points, 1)
 
 
 class SCRFD(nn.Module, Detector):
