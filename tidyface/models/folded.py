@@ -2,8 +2,8 @@
 into the convolutions (SCRFD, YuNet, CenterFace): a conv with a bias stands for upstream's
 conv + BN, so the converted weights load as they are and compute what the graph computes.
 Also how the three run their 1x1 convolutions (Conv2d), a level's heads (sibling_convs,
-depthwise_blocks) and a batch (forward_by_image, which the enhancers use too) on the CPU; RetinaFace's convolutions are Conv2d too (video2faces runs it on
-one thread, in batches of 4)."""
+depthwise_blocks) and a batch (forward_by_image, which the enhancers use too) on the CPU;
+RetinaFace's convolutions are Conv2d too (video2faces runs it on one thread, in batches of 4)."""
 from __future__ import annotations
 
 from typing import Callable, Sequence

@@ -96,6 +96,7 @@ class YuNet(nn.Module, Detector):
     reduced_precision = True
     # Which anchor survives NMS is decided by scores that bfloat16 rounds: with these heads in
     # bfloat16 boxes moved by 4.4% of a face, with them in float32 by 0.14% (RESULTS.md).
+    # _level_heads runs them stacked, in their weights' dtype, which in_precision keeps float32.
     float32_layers = ("cls_heads", "obj_heads", "bbox_heads", "kps_heads")
 
     onnx_outputs = ("cls", "obj", "boxes", "keypoints")
