@@ -63,6 +63,38 @@ def pypi_upstream(spec, index: int = 0) -> Path:
     return weights.resolve_file(f, spec)
 
 
+# OpenCV 5.1 removed its TensorFlow importer, the independent reference for graph_final.pb;
+# the last release that has it is fetched from PyPI and run in a child process beside this one.
+OPENCV_WITH_TF_IMPORTER = "opencv-python-headless==5.0.0.93"
+
+
+def opencv_with_tf_importer(folder: Path) -> str:
+    """A sys.path entry whose cv2 has `dnn.readNetFromTensorflow`: "" where the installed OpenCV
+    still has it, else OPENCV_WITH_TF_IMPORTER's wheel unpacked into `folder`. Fails under CI
+    (which has PyPI) when it cannot be fetched; skips elsewhere."""
+    import subprocess
+    import sys
+    import zipfile
+
+    import cv2
+
+    if hasattr(cv2.dnn, "readNetFromTensorflow"):
+        return ""
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+           OPENCV_WITH_TF_IMPORTER, "-d", str(folder)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(folder.glob("opencv_python_headless-*.whl"))
+    if done.returncode or not wheels:
+        msg = f"OpenCV {cv2.__version__} has no TensorFlow importer and {OPENCV_WITH_TF_IMPORTER} " \
+              f"could not be fetched: {done.stderr.strip().splitlines()[-1:]}"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        wheel.extractall(folder / "site")
+    return str(folder / "site")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _weights_env(tmp_path_factory):
     """Every test resolves weights from ../shared/weights as a mirror, into a private store."""

@@ -2,12 +2,13 @@
 facenet-pytorch on shared random weights, and parity with OpenCV DNN on graph_final.pb."""
 from __future__ import annotations
 
+import os
 import struct
 
 import numpy as np
 import pytest
 import torch
-from conftest import MEDIA, WEIGHTS, need
+from conftest import MEDIA, WEIGHTS, need, opencv_with_tf_importer
 
 from tidyface.convert.tf_graphdef import GraphDefError, Node, parse_graphdef, read_constants, read_graph
 from tidyface.models import facenet
@@ -182,20 +183,41 @@ def test_graph_final_mapping_uses_every_weight():
         facenet.map_tf_graph(missing)
 
 
-def test_parity_with_opencv_dnn_on_graph_final(crops, tf_embeddings):
-    import cv2
+OPENCV_EMBEDDINGS = """
+import sys
+import numpy as np
+import cv2
+pb, out, *paths = sys.argv[1:]
+net = cv2.dnn.readNetFromTensorflow(pb)
+rows = []
+for path in paths:
+    # The graph's flatten is fixed to batch 1; OpenCV takes NCHW and feeds the NHWC graph.
+    blob = cv2.dnn.blobFromImage(cv2.imread(path), 1 / 128, (160, 160), (127.5,) * 3, swapRB=True)
+    net.setInput(blob, "input")
+    rows.append(net.forward("embeddings")[0])
+np.save(out, np.stack(rows))
+print(cv2.__version__)
+"""
 
+
+def test_parity_with_opencv_dnn_on_graph_final(crops, tf_embeddings, tmp_path):
+    import subprocess
+    import sys
+
+    site = opencv_with_tf_importer(tmp_path)
     paths, _ = crops
-    ours = tf_embeddings.numpy()
-    net = cv2.dnn.readNetFromTensorflow(str(WEIGHTS / "graph_final.pb"))
-    for i, path in enumerate(paths):
-        # The graph's flatten is fixed to batch 1; OpenCV takes NCHW and feeds the NHWC graph.
-        blob = cv2.dnn.blobFromImage(cv2.imread(str(path)), 1 / 128, (160, 160), (127.5,) * 3, swapRB=True)
-        net.setInput(blob, "input")
-        want = net.forward("embeddings")[0]
-        cosine = float(want @ ours[i] / np.linalg.norm(want) / np.linalg.norm(ours[i]))
-        assert cosine >= 0.9999, f"{path.parent.name}: cosine {cosine:.6f}"
-        assert np.abs(want - ours[i]).max() < 1e-5
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH")) if p)}
+    out = tmp_path / "opencv.npy"
+    done = subprocess.run([sys.executable, "-c", OPENCV_EMBEDDINGS, str(WEIGHTS / "graph_final.pb"), str(out),
+                           *map(str, paths)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    opencv = f"OpenCV {done.stdout.strip()}"
+    want, ours = np.load(out), tf_embeddings.numpy()
+    assert want.shape == ours.shape, opencv
+    for path, w, o in zip(paths, want, ours):
+        cosine = float(w @ o / np.linalg.norm(w) / np.linalg.norm(o))
+        assert cosine >= 0.9999, f"{path.parent.name}: cosine {cosine:.6f} against {opencv}"
+        assert np.abs(w - o).max() < 1e-5, opencv
 
 
 def test_tf_embeddings_separate_identities(tf_embeddings):

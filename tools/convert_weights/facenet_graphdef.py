@@ -7,7 +7,8 @@ Prints every graph-constant -> tidyface-parameter pair (with the layout change a
 residual scales checked against the module, the constants that are not parameters and why, and a
 check of every Conv2D's stride and padding against the module's layers. With --images, runs the
 converted model and `cv2.dnn.readNetFromTensorflow` on the same 160x160 crops and reports the
-cosine per image (exit status 1 if any is below --min-cosine). Needs no TensorFlow.
+cosine per image (exit status 1 if any is below --min-cosine). Needs no TensorFlow, but an OpenCV
+before 5.1 (which removed the TensorFlow importer).
 """
 from __future__ import annotations
 
@@ -91,6 +92,11 @@ def main(argv=None) -> int:
     ap.add_argument("--images", nargs="*", default=[], help="face crops (files or folders) to verify on")
     ap.add_argument("--min-cosine", type=float, default=0.9999)
     args = ap.parse_args(argv)
+    import cv2
+
+    if args.images and not hasattr(cv2.dnn, "readNetFromTensorflow"):
+        ap.error(f"--images needs OpenCV's TensorFlow importer, which OpenCV {cv2.__version__} no longer has "
+                 "(removed in 5.1): run this tool where pip install 'opencv-python-headless<5.1' was done")
 
     graph = read_graph(args.graph)
     mapping = map_tf_graph(graph)
