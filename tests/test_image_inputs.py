@@ -202,6 +202,21 @@ def test_model_detect_refuses_other_batches(kind, name, chw, models):
     _one_line(e, *names)
 
 
+def test_to_bgr_swaps_red_and_blue_in_every_layout(astronaut):
+    from tidyface.ops.resize import to_bgr
+
+    frames = np.stack([astronaut, astronaut[::-1].copy(), astronaut[:, ::-1].copy()])
+    nhwc = torch.from_numpy(frames).permute(0, 3, 1, 2)  # channels last, as decoded frames are
+    bgr = torch.from_numpy(frames[..., ::-1].copy()).permute(0, 3, 1, 2)
+    cases = [(nhwc, bgr), (nhwc[1:, :, 50:90], bgr[1:, :, 50:90]), (nhwc[:0], bgr[:0]),  # cv2's path
+             (nhwc.contiguous(), bgr), (nhwc[..., ::2], bgr[..., ::2]), (nhwc.float(), bgr.float())]
+    for images, want in cases:
+        got = to_bgr(images)
+        assert got.dtype == images.dtype and torch.equal(got, want)
+        assert torch.equal(to_bgr(got), images)  # its own inverse
+    assert to_bgr(nhwc).permute(0, 2, 3, 1).is_contiguous()  # cv2 writes channels last too
+
+
 @pytest.mark.parametrize("hw", [(360, 640), (517, 301), (900, 1600)])  # shrink, odd sizes, enlarge
 def test_bilinear_resize_of_8_bit_frames_is_cv2s(astronaut, hw):
     import cv2

@@ -19,7 +19,7 @@ from ..convert import load_torch_file, rename_keys
 from ..ops.image import as_rgb_batch
 from ..ops.nms import batched_nms, group_by_image
 from ..ops.priors import decode_boxes, decode_landmarks, flatten_head, prior_boxes
-from ..ops.resize import network_size
+from ..ops.resize import network_size, to_bgr
 from ..registry import FIVE_POINTS, ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
 from ..types import Detections
 from . import folded
@@ -261,8 +261,8 @@ def preprocess(images: Tensor, max_size: int | None = None) -> Tensor:
     size = network_size(images.shape[-2:], max_size)
     if size != tuple(images.shape[-2:]):
         images = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
-    # Flipped before the cast: on 8-bit frames that moves a quarter of the bytes (2.4x faster).
-    bgr = images.flip(1).float()
+    # Swapped before the cast: on 8-bit frames that moves a quarter of the bytes (2.4x faster).
+    bgr = to_bgr(images).float()
     return bgr - torch.tensor(BGR_MEAN, dtype=bgr.dtype, device=bgr.device).view(1, 3, 1, 1)
 
 

@@ -26,7 +26,7 @@ from ..ops.distance import grid_points
 from ..ops.image import as_rgb_batch
 from ..ops.nms import batched_nms, group_by_image
 from ..ops.priors import flatten_head
-from ..ops.resize import network_size, resize_bilinear, round_up
+from ..ops.resize import network_size, resize_bilinear, round_up, to_bgr
 from ..registry import FIVE_POINTS, ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
 from ..types import Detections
 from .base import Detector
@@ -146,7 +146,7 @@ class YuNet(nn.Module, Detector):
         def network_input(batch: Tensor) -> Tensor:
             x = torch.empty((len(batch), 3, *padded), dtype=torch.float32, device=batch.device,
                             memory_format=fmt).zero_()  # zeros at bottom/right
-            x[..., :h, :w] = resize_bilinear(batch.flip(1), (h, w))  # BGR (flipped as 8 bits), written once
+            x[..., :h, :w] = resize_bilinear(to_bgr(batch), (h, w))  # BGR (swapped as 8 bits), written once
             return x
 
         dets = postprocess(*forward_by_image(self, images, network_input), padded,
