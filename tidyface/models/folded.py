@@ -23,12 +23,17 @@ class Conv2d(nn.Conv2d):
     choice."""
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if (self.kernel_size == (1, 1) and self.padding_mode == "zeros" and x.device.type == "cpu"
-                and x.dtype == torch.float32 and not torch.is_grad_enabled() and not torch.jit.is_tracing()
-                and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available()):
+        if self.kernel_size == (1, 1) and self.padding_mode == "zeros" and _onednn_inference(x, weight):
             return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(self.padding), list(self.stride),
                                                      list(self.dilation), self.groups)
         return super()._conv_forward(x, weight, bias)
+
+
+def _onednn_inference(x: Tensor, weight: Tensor) -> bool:
+    """CPU float32 inference, outside training, tracing and autocast, where oneDNN is built in."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.jit.is_tracing() and not torch.is_autocast_enabled("cpu")
+            and torch.backends.mkldnn.is_available())
 
 
 def sibling_convs(x: Tensor, convs: Sequence[nn.Conv2d]) -> Tensor:
@@ -70,9 +75,16 @@ def _in_weight_dtype(conv: Callable[[Tensor], Tensor], x: Tensor, weight: Tensor
         return conv(x.to(weight.dtype))
 
 
+# A ReLU pass over a map this large re-reads it from memory once it has left the CPU caches; oneDNN
+# applies the ReLU as the convolution writes instead (CenterFace at 720p: its ConvReLUs 92 -> 81 ms;
+# smaller maps, and depthwise convs of many channels, gained nothing or lost: benchmarks/RESULTS.md).
+FUSED_RELU_MIN_VALUES = 1 << 21
+
+
 class ConvReLU(nn.Sequential):
     """Conv2d with bias (upstream conv + BatchNorm, folded by the exporter), then ReLU unless
-    relu=False. Padding is kernel // 2, as in every one of these graphs."""
+    relu=False. Padding is kernel // 2, as in every one of these graphs. In CPU float32 inference
+    a ReLU whose map has at least FUSED_RELU_MIN_VALUES values runs inside the convolution."""
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1,
                  relu: bool = True):
@@ -80,6 +92,21 @@ class ConvReLU(nn.Sequential):
         self.conv = Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups)
         if relu:
             self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.conv
+        if len(self) == 2 and _onednn_inference(x, c.weight) and _out_values(x, c) >= FUSED_RELU_MIN_VALUES:
+            return torch.ops.mkldnn._convolution_pointwise(x, c.weight, c.bias, list(c.padding), list(c.stride),
+                                                           list(c.dilation), c.groups, "relu", [], "")
+        return super().forward(x)
+
+
+def _out_values(x: Tensor, conv: nn.Conv2d) -> int:
+    """How many values conv(x) has (batch x channels x rows x columns)."""
+    n = x.shape[0] * conv.out_channels
+    for size, k, s, p, d in zip(x.shape[-2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation):
+        n *= (size + 2 * p - d * (k - 1) - 1) // s + 1
+    return n
 
 
 class DepthwiseSeparable(nn.Sequential):
