@@ -144,9 +144,12 @@ class YuNet(nn.Module, Detector):
         padded = (round_up(h, PAD_TO), round_up(w, PAD_TO))
 
         def network_input(batch: Tensor) -> Tensor:
-            x = torch.empty((len(batch), 3, *padded), dtype=torch.float32, device=batch.device,
-                            memory_format=fmt).zero_()  # zeros at bottom/right
-            x[..., :h, :w] = resize_bilinear(to_bgr(batch), (h, w))  # BGR (swapped as 8 bits), written once
+            x = torch.empty((len(batch), 3, *padded), dtype=torch.float32, device=batch.device, memory_format=fmt)
+            x[..., h:, :].zero_()  # zeros at bottom/right
+            x[..., :h, w:].zero_()
+            pixels = to_bgr(batch)  # swapped as 8 bits
+            # cast as it is written (720p: 0.3 ms, against 1.0 through a float copy)
+            x[..., :h, :w].copy_(pixels if (h, w) == tuple(batch.shape[-2:]) else resize_bilinear(pixels, (h, w)))
             return x
 
         dets = postprocess(*forward_by_image(self, images, network_input), padded,
