@@ -74,3 +74,42 @@ def test_stacked_heads_equal_the_heads_one_by_one():
             torch.testing.assert_close(got, dw(part), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="depthwise"):
         folded.depthwise_blocks(y, heads)
+
+
+@pytest.mark.parametrize("name", ["scrfd_500m", "scrfd_2p5g", "scrfd_10g", "yunet", "centerface"])
+def test_declared_peak_activation_is_the_largest_map(name):
+    from tidyface.registry import get
+
+    model = get(name).builder().eval()
+    peak = []
+
+    def record(module, inputs, out):
+        peak.extend(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules()]
+    with torch.inference_mode():
+        model(torch.zeros(1, 3, 128, 160))
+    for h in hooks:
+        h.remove()
+    assert max(peak) / (128 * 160) == model.peak_activation_per_pixel
+
+
+def test_images_per_forward_keeps_the_largest_map_in_reused_blocks(monkeypatch):
+    from tidyface.ops import memory
+    from tidyface.registry import get
+
+    model = get("centerface").builder().eval()
+    x = torch.zeros(1, 3, 736, 1280)  # 96 x 368 x 640 values: 90 MB a frame
+    monkeypatch.setattr(memory, "_kept_block_bytes", None)  # glibc's policy: one at a time
+    assert folded.images_per_forward(model, x) == 1
+    monkeypatch.setattr(memory, "_kept_block_bytes", 256 << 20)
+    assert folded.images_per_forward(model, x) == 2
+    assert folded.images_per_forward(model, x[..., :368, :640]) == 11
+    assert folded.images_per_forward(torch.nn.Identity(), x) == 1  # nothing declared
+
+    calls = []
+    model.forward = lambda t: (calls.append(len(t)), t.sum((1, 2, 3)))[1]
+    images = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 3, 4, 4)
+    monkeypatch.setattr(folded, "images_per_forward", lambda m, first: 3)
+    out = folded.forward_by_image(model, images, lambda b: b * 2)
+    assert calls == [1, 3, 1] and torch.equal(out, torch.arange(5.0) * 96)

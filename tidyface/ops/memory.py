@@ -8,6 +8,7 @@ import sys
 
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_kept_block_bytes: int | None = None  # keep_freed_memory's mmap_threshold, once it took effect
 
 
 def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 512 << 20) -> bool:
@@ -31,4 +32,14 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 512
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl and others: no mallopt
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    if not (mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and mallopt(_M_TRIM_THRESHOLD, trim_threshold)):
+        return False
+    global _kept_block_bytes
+    _kept_block_bytes = mmap_threshold
+    return True
+
+
+def kept_block_bytes() -> int | None:
+    """The size up to which freed blocks are kept for reuse (keep_freed_memory's mmap_threshold),
+    or None where glibc's own policy stands (a block of more than 32 MiB is then mapped anew)."""
+    return _kept_block_bytes
