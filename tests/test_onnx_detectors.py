@@ -263,3 +263,14 @@ def test_recall_on_dlib_faces(name):
     hits = sum(matched(t, dets.for_image(i).boxes) for i, (_, t) in enumerate(data))
     print(f"\n{name}: recall {hits}/{total} = {hits / total:.3f} at IoU>=0.3; {len(dets) - hits} unmatched")
     assert hits / total >= RECALL_FLOORS[name] - 1e-9
+
+
+def test_grid_points_are_cell_corners_level_by_level_and_built_once_per_size():
+    from tidyface.ops.distance import grid_points
+
+    p = grid_points(40, 70, (16, 32), 2)  # ceil: 3x5 and 2x3 cells, two anchors each
+    assert p.shape == (2 * (15 + 6), 3) and p.dtype == torch.float32
+    assert p[:4].tolist() == [[0, 0, 16], [0, 0, 16], [16, 0, 16], [16, 0, 16]]
+    assert p[29].tolist() == [64, 32, 16] and p[30].tolist() == [0, 0, 32] and p[-1].tolist() == [64, 32, 32]
+    assert grid_points(40, 70, [16, 32], 2, device="cpu") is p  # a video's frames share one
+    assert grid_points(40, 70, (16, 32), 2, dtype=torch.float64).dtype == torch.float64

@@ -9,6 +9,7 @@ Distances are in input pixels (the network's output times its level's stride).
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -18,7 +19,15 @@ from torch import Tensor
 def grid_points(image_h: int, image_w: int, strides: Sequence[int], num_anchors: int = 1,
                 device=None, dtype=torch.float32) -> Tensor:
     """(P, 3) points (x, y, stride) for one input size; level k has a ceil(H/s) x ceil(W/s) grid
-    (what stride-2 convolutions with padding produce)."""
+    (what stride-2 convolutions with padding produce). Built once per size and kept (read only):
+    a video's frames share one, and building SCRFD's 16,800 points took 0.6 ms a frame."""
+    device = torch.device(device) if device is not None else torch.empty(0).device
+    return _grid_points(int(image_h), int(image_w), tuple(strides), int(num_anchors), device, dtype)
+
+
+@lru_cache(maxsize=16)
+def _grid_points(image_h: int, image_w: int, strides: tuple[int, ...], num_anchors: int,
+                 device: torch.device, dtype: torch.dtype) -> Tensor:
     levels = []
     for s in strides:
         fh, fw = math.ceil(image_h / s), math.ceil(image_w / s)
