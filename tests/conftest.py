@@ -120,7 +120,7 @@ def _weights_env(tmp_path_factory):
 
 
 # The three test layers (DESIGN.md), each runnable alone: `pytest -m unit`, `-m parity`, `-m realdata`.
-PARITY = {"test_dlib_shape", "test_facenet", "test_mtcnn", "test_retinaface", "test_mobilefacenet", "test_onnx", "test_fuse", "test_bisenet",
+PARITY = {"test_graphs", "test_dlib_shape", "test_facenet", "test_mtcnn", "test_retinaface", "test_mobilefacenet", "test_onnx", "test_fuse", "test_bisenet",
           "test_onnx_detectors", "test_esrgan", "test_landmarks_insightface",
           "test_dlib_resnet", "test_vit", "test_gfpgan", "test_yolov3",
           "test_faster_rcnn"}

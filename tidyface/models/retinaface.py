@@ -180,6 +180,7 @@ class RetinaFace(nn.Module, Detector):
     regressions; P = sum over levels of ceil(H/s)*ceil(W/s)*2. `detect` runs the whole pipeline."""
 
     reduced_precision = True
+    traceable_forward = True  # tensor ops whose shapes follow the input's: CPU graphs (ops.graphs)
 
     onnx_outputs = ("loc", "logits", "landmarks")
 

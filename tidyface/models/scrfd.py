@@ -190,6 +190,7 @@ class SCRFD(nn.Module, Detector):
     graph's nine outputs (there for batch 1). `detect` runs the whole pipeline."""
 
     reduced_precision = True
+    traceable_forward = True  # tensor ops whose shapes follow the input's: CPU graphs (ops.graphs)
 
     onnx_outputs = ("scores", "boxes", "keypoints")
 

@@ -94,6 +94,7 @@ class YuNet(nn.Module, Detector):
     graph's twelve outputs, concatenated per kind). `detect` runs OpenCV's whole pipeline."""
 
     reduced_precision = True
+    traceable_forward = True  # tensor ops whose shapes follow the input's: CPU graphs (ops.graphs)
     # Which anchor survives NMS is decided by scores that bfloat16 rounds: with these heads in
     # bfloat16 boxes moved by 4.4% of a face, with them in float32 by 0.14% (RESULTS.md).
     # _level_heads runs them stacked, in their weights' dtype, which in_precision keeps float32.
