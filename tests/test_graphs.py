@@ -1,5 +1,5 @@
 """ops/graphs.py: CPU graphs compute what the eager forward computes, are built only for shapes
-seen before, and give way to eager for anything they cannot run."""
+run eagerly twice before, and give way to eager for anything they cannot run."""
 import threading
 import warnings
 

@@ -11,9 +11,9 @@ the raw heads).
 A graph is specialised to one input shape, and building it (trace, then a profiling and a
 compiling run) costs a few forwards; so a shape is compiled the third time it is seen, which
 every video and every fixed-size letterbox reaches at once and a folder of differently sized
-photos never pays for, and a model keeps at most MAX_GRAPHS. Each graph is checked against the eager output on the input that built
-it; a model whose forward cannot be traced, or whose graph disagrees, runs eager from then on,
-with one warning.
+photos never pays for, and a model keeps at most MAX_GRAPHS. Each graph is checked against the
+eager output on the input that built it; a model whose forward cannot be traced, or whose graph
+disagrees, runs eager from then on, with one warning.
 
 Opt-in for now (TIDYFACE_CPU_GRAPHS=1): a graph's outputs differ from eager's in the last float
 digits, and whether a call runs eager or as a graph depends on what the process ran before, so
@@ -78,7 +78,9 @@ class GraphForward:
         graph = self.graphs.get(key)
         if graph is not None:
             return graph(x)
-        if self.seen.get(key, 0) < SEEN_BEFORE_COMPILE or len(self.graphs) >= MAX_GRAPHS:
+        if len(self.graphs) >= MAX_GRAPHS:
+            return self.forward(x)
+        if self.seen.get(key, 0) < SEEN_BEFORE_COMPILE:
             self.seen[key] = self.seen.pop(key, 0) + 1
             while len(self.seen) > MAX_TRACKED_SHAPES:
                 self.seen.popitem(last=False)
