@@ -1,7 +1,7 @@
 """A network's CPU float32 forward run as one traced graph whose convolutions, ReLUs and adds
 oneDNN Graph fuses and compiles once (TorchScript's oneDNN fuser), instead of op by op.
 
-Why: in eager PyTorch every oneDNN convolution builds its primitive descriptor anew, 40-70 us
+Why: in eager PyTorch every oneDNN convolution builds its primitive descriptor anew, 40-60 us
 before any arithmetic, and a detector makes 50-100 of them per forward. SCRFD-500M at 640 spends
 9.4 ms in oneDNN's kernels and 16 ms in its eager forward on 2 cores; as a graph it takes 9 ms.
 Same for RetinaFace mnet0.25, YuNet, CenterFace and MobileFaceNet: 20-35% less time per forward
