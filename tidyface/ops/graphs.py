@@ -9,46 +9,43 @@ Same for RetinaFace mnet0.25, YuNet, CenterFace and MobileFaceNet: 20-35% less t
 the raw heads).
 
 A graph is specialised to one input shape, and building it (trace, then a profiling and a
-compiling run) costs a few forwards; so a shape is compiled the third time it is seen, which
-every video and every fixed-size letterbox reaches at once and a folder of differently sized
-photos never pays for, and a model keeps at most MAX_GRAPHS. Each graph is checked against the
+compiling run) costs 0.45-0.55 s on 2 cores (CenterFace 1.4 s), ten forwards or more: it pays
+off only over a long stream of inputs of one shape. So graphs run only inside `stream(model,
+...)`, which a task opens around such a stream (anonymize over a video's every frame,
+video2faces over a long video); there a shape is compiled at its first call and every call of
+that shape runs its graph, and outside a stream every call runs eager. Which one computed a
+result therefore depends on the task and the input, never on what the process ran before: a
+resumed or a Ray run is byte for byte the local one. A model keeps its MAX_GRAPHS most recently
+used graphs (a rebuilt one computes what the dropped one did). Each graph is checked against the
 eager output on the input that built it; a model whose forward cannot be traced, or whose graph
-disagrees, runs eager from then on, with one warning.
-
-Opt-in for now (TIDYFACE_CPU_GRAPHS=1): a graph's outputs differ from eager's in the last float
-digits, and whether a call runs eager or as a graph depends on what the process ran before, so
-a resumed video2faces run or a Ray run would no longer be byte for byte the local one
-(tests/test_video2faces.py, tests/test_ray_engine.py). Making the choice depend on the input
-alone (graphs from the first call inside a stream of same-shaped frames, fixed encoder batch
-shapes) is the open step before graphs can be the default."""
+disagrees, runs eager from then on, with one warning. TIDYFACE_CPU_GRAPHS=0 turns them off."""
 from __future__ import annotations
 
 import os
 import threading
 import warnings
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-SEEN_BEFORE_COMPILE = 2  # a shape run eagerly twice is compiled at its third call
-# Per model. A video or a letterbox repeats one or two shapes (full batches, the first image
-# alone); an encoder's remainder batches come in many sizes, and a build costs a few forwards,
-# so once a model holds this many graphs other shapes stay eager instead of evicting them.
+# Per model. A stream repeats a few shapes (full batches, a first image alone, a last batch);
+# more than this and the least recently used is dropped.
 MAX_GRAPHS = 4
-MAX_TRACKED_SHAPES = 64  # shapes not compiled yet, remembered to count their calls
 CHECK_RTOL, CHECK_ATOL = 1e-3, 1e-3
 
 # The fuser switch is process-wide: every graph is built and warmed with it on, one at a time,
 # and it is put back as it was (a built graph keeps its fused partitions).
 _BUILD_LOCK = threading.Lock()
+_LOCK = threading.Lock()  # a model's graph table and stream count, shared by its threads
 
 
 def graphs_enabled() -> bool:
-    """Whether this process runs CPU graphs: TIDYFACE_CPU_GRAPHS=1, and oneDNN and its TorchScript
-    fuser are built into torch."""
-    return (os.environ.get("TIDYFACE_CPU_GRAPHS") == "1" and torch.backends.mkldnn.is_available()
+    """Whether this process may run CPU graphs: not turned off (TIDYFACE_CPU_GRAPHS=0), and
+    oneDNN and its TorchScript fuser are built into torch."""
+    return (os.environ.get("TIDYFACE_CPU_GRAPHS", "1") != "0" and torch.backends.mkldnn.is_available()
             and hasattr(torch.jit, "enable_onednn_fusion") and hasattr(torch._C, "_jit_llga_enabled"))
 
 
@@ -60,39 +57,35 @@ def _eligible(x) -> bool:
 
 
 class GraphForward:
-    """Stands in for a model's `forward`: eligible calls run the graph built for their input's
-    shape and strides, once that shape has run eagerly SEEN_BEFORE_COMPILE times; everything else
-    runs `forward`."""
+    """Stands in for a model's `forward`: inside a `stream`, eligible calls run the graph built
+    for their input's shape and strides (built at the first such call); everything else runs
+    `forward`."""
 
     def __init__(self, forward: Callable, name: str):
         self.forward, self.name = forward, name
-        self.graphs: dict[tuple, Callable] = {}
-        self.seen: OrderedDict[tuple, int] = OrderedDict()
+        self.graphs: OrderedDict[tuple, Callable] = OrderedDict()
+        self.streams = 0  # open `stream` scopes over this model
         self.disabled = False
 
     def __call__(self, *args, **kwargs):
-        if self.disabled or kwargs or len(args) != 1 or not _eligible(args[0]):
+        if not self.streams or self.disabled or kwargs or len(args) != 1 or not _eligible(args[0]):
             return self.forward(*args, **kwargs)
         x = args[0]
         key = (tuple(x.shape), x.stride())
-        graph = self.graphs.get(key)
-        if graph is not None:
-            return graph(x)
-        if len(self.graphs) >= MAX_GRAPHS:
-            return self.forward(x)
-        if self.seen.get(key, 0) < SEEN_BEFORE_COMPILE:
-            self.seen[key] = self.seen.pop(key, 0) + 1
-            while len(self.seen) > MAX_TRACKED_SHAPES:
-                self.seen.popitem(last=False)
-            return self.forward(x)
-        return self._build(key, x)
+        with _LOCK:
+            graph = self.graphs.get(key)
+            if graph is not None:
+                self.graphs.move_to_end(key)
+        return graph(x) if graph is not None else self._build(key, x)
 
     def _build(self, key: tuple, x: Tensor):
-        """The eager output for x, after building (or failing to build) the graph of its shape."""
-        eager = self.forward(x)
+        """The graph's output for x, after building the graph of its shape; the eager output
+        if it cannot be built."""
         with _BUILD_LOCK:
-            if key in self.graphs or self.disabled or len(self.graphs) >= MAX_GRAPHS:
-                return eager
+            graph = self.graphs.get(key)
+            if graph is not None or self.disabled:  # built by another thread meanwhile
+                return graph(x) if graph is not None else self.forward(x)
+            eager = self.forward(x)
             try:
                 graph, out = _traced(self.forward, x)
             except Exception as e:  # untraceable forward, or no fuser on this build: stay eager
@@ -100,14 +93,40 @@ class GraphForward:
             worst = _mismatch(eager, out)
             if worst is not None:
                 return self._give_up(eager, f"its graph differed from eager by {worst:.3g}")
-            self.graphs[key] = graph
-        return eager
+            with _LOCK:
+                self.graphs[key] = graph
+                while len(self.graphs) > MAX_GRAPHS:
+                    self.graphs.popitem(last=False)
+        return out
 
     def _give_up(self, eager, why: str):
         self.disabled = True
         self.graphs.clear()
         warnings.warn(f"{self.name} runs op by op on the CPU: {why}", RuntimeWarning, stacklevel=4)
         return eager
+
+
+@contextmanager
+def stream(*models, enabled: bool = True):
+    """Inside, the models' CPU float32 forwards run as graphs (those `run_as_graphs` gave them),
+    each input shape compiled at its first call: open it around a stream of same-shaped inputs
+    long enough to repay the builds (tens of forwards each). enabled=False: a no-op, so a task
+    can decide by its input."""
+    forwards = [f for m in models for f in _graph_forwards(m)] if enabled else []
+    with _LOCK:
+        for f in forwards:
+            f.streams += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            for f in forwards:
+                f.streams -= 1
+
+
+def _graph_forwards(model) -> list[GraphForward]:
+    modules = model.modules() if isinstance(model, torch.nn.Module) else [model]
+    return [f for m in modules if isinstance(f := getattr(m, "__dict__", {}).get("forward"), GraphForward)]
 
 
 def _traced(forward: Callable, x: Tensor):
@@ -120,7 +139,10 @@ def _traced(forward: Callable, x: Tensor):
         warnings.simplefilter("error", torch.jit.TracerWarning)
         torch.jit.enable_onednn_fusion(True)
         try:
-            graph = torch.jit.trace(forward, x, check_trace=False)
+            # A plain function, not the bound method: a module's method is traced as a module,
+            # with a ScriptModule made for every submodule (4-6x the trace's time); a function
+            # records the ops alone, the weights as constants, and its graph runs as fast.
+            graph = torch.jit.trace(lambda t: forward(t), x, check_trace=False)
             graph(x)
             return graph, graph(x)
         finally:
@@ -145,9 +167,9 @@ def _flat(out) -> list[Tensor]:
 
 
 def run_as_graphs(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    """`model` whose forward runs as CPU graphs (GraphForward) where its class says its forward
-    is traceable (`traceable_forward = True`: tensor operations only, their shapes decided by
-    the input's) and this process allows them. The model's parameters stop requiring gradients:
+    """`model` whose forward runs as CPU graphs inside a `stream` (GraphForward) where its class
+    says its forward is traceable (`traceable_forward = True`: tensor operations only, their
+    shapes decided by the input's) and this process allows them. The model's parameters stop requiring gradients:
     a traced function holds them as constants."""
     if not getattr(model, "traceable_forward", False) or not graphs_enabled():
         return model

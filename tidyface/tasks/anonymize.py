@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..cache import ModelCache, resolve_device
 from ..errors import UsageError
+from ..ops import graphs
 from ..ops.image import IMAGE_EXTS, as_rgb_uint8, expand_paths, write_image
 from ..ops.nms import box_iou, nms
 from ..ops.obscure import box_frames, composite, edge_taper, shape_masks, soften
@@ -189,7 +190,8 @@ class Anonymizer:
         fps = reader.info.fps or 25.0
         tracks = Tracker(hold=int(round(self.o.hold * fps)), reparse=max(1, int(round(self.o.reparse * fps))))
         totals = {"frames": 0, "frames_with_faces": 0, "parse": 0, "shape": 0, "held": 0, "parsed_anew": 0}
-        with reader, VideoWriter(out, path, reader.info.fps) as writer:
+        # Every frame has one shape: the detector runs as a CPU graph (ops.graphs).
+        with reader, VideoWriter(out, path, reader.info.fps) as writer, graphs.stream(self.detector):
             for frame in background(reader, depth=4):
                 r = self._frame(frame.image, frame.index, tracks, totals)
                 result = r.apply(frame.image, self.o)

@@ -33,6 +33,7 @@ import torch
 from ..cache import ModelCache
 from ..errors import InputError, OutputError, TidyfaceError
 from ..models.base import PreparedImage, model_device
+from ..ops import graphs
 from ..ops.image import atomic_write_bytes, write_image
 from ..ops.parallel import in_order, side_workers, split_cpu_threads, torch_threads
 from ..options import Video2FacesOptions
@@ -46,6 +47,14 @@ from .video_report import draw_frame, reject_row, warm_imports, write_index
 
 STATE = ".tidyface"
 MANIFEST_VERSION = 2  # the face tables' columns (types.FaceTable)
+
+
+# Sampled frames (of the whole video) from which the detector and encoder run as CPU graphs
+# (ops.graphs). Their builds cost a run about 1 s on 2 cores, and they save time only where the
+# models, not the decoder, hold the run back: on Video_2 they made the run 0.8 s slower at
+# --video-step 1 (83 frames) and 1.2 s at 0.25 (329), and 14% faster on all 1972 frames
+# (benchmarks/RESULTS.md, video2faces).
+GRAPH_MIN_FRAMES = 1500
 
 
 class Video2FacesError(TidyfaceError):
@@ -188,6 +197,11 @@ class FrameSource:
         self._q: queue.Queue = queue.Queue(maxsize=2 * o.det_batch_size + 2)
         self._stop, self._box = threading.Event(), {}
         self._thread = threading.Thread(target=self._read, daemon=True)
+
+    def whole_video_samples(self) -> int:
+        """Frames the sampling takes from the whole video, fragment or not (0: length unknown).
+        It decides CPU graphs, so a Ray chunk decides as its whole video's local run does."""
+        return int(self.info.duration_s / self.o.video_step) + 1 if self.info.duration_s else 0
 
     def expected_frames(self) -> int | None:
         if not self.info.duration_s:
@@ -348,24 +362,31 @@ class Embedder:
             self._queue.append(faces.crops[torch.from_numpy(todo).to(faces.crops.device)])
             self._queue_rows.append(first + todo)
         if sum(len(q) for q in self._queue) >= self.batch_size:
-            self.flush()
+            self.flush(whole_batches=True)
         return crop_index
 
-    def flush(self) -> None:
+    def flush(self, whole_batches: bool = False) -> None:
+        """Embed what is queued; whole_batches: only whole batches, the rest stays queued (every
+        encoder call but a video's last then has one shape: CPU graphs, ops.graphs)."""
         if not self._queue:
             return
         crops, rows = torch.cat(self._queue), np.concatenate(self._queue_rows)
-        self._queue, self._queue_rows = [], []
+        n = len(rows) - len(rows) % self.batch_size if whole_batches else len(rows)
+        self._queue, self._queue_rows = ([crops[n:]], [rows[n:]]) if n < len(rows) else ([], [])
+        if n == 0:
+            return
+        crops, rows = crops[:n], rows[:n]
         if self.worker is None:
             self._done.append((rows, self._encode(crops)))
             return
-        self._collect()  # memory stays bounded, and an encoder error surfaces a batch later
+        self.wait()  # memory stays bounded, and an encoder error surfaces a batch later
         self._flight = (rows, self.worker.submit(self._encode, crops))
 
     def _encode(self, crops: torch.Tensor) -> np.ndarray:
         return pl.encode(self.encoder, crops, self.batch_size).cpu().numpy()
 
-    def _collect(self) -> None:
+    def wait(self) -> None:
+        """Until the batch in flight (if any) is embedded."""
         if self._flight is not None:
             rows, future = self._flight
             self._flight = None
@@ -373,7 +394,7 @@ class Embedder:
 
     def fill(self, table: FaceTable) -> None:
         self.flush()
-        self._collect()
+        self.wait()
         for rows, embeddings in self._done:
             table.embeddings[rows] = embeddings
 
@@ -510,7 +531,9 @@ def detect_video(path: Path, key: str, prefix: str, o: Video2FacesOptions, ws: W
     bar = tqdm(total=source.expected_frames(), unit="frame", desc=path.name[:30], file=sys.stderr,
                disable=None, leave=False)
     try:
-        with torch_threads(model_threads):  # while the decoder runs beside the models
+        long_video = source.whole_video_samples() >= GRAPH_MIN_FRAMES
+        # the models' threads beside the decoder's; CPU graphs over a long video
+        with torch_threads(model_threads), graphs.stream(detector, encoder, enabled=long_video):
             def steps(batch):
                 return batch, find_faces(batch, detector, geometry, o, enhancer)
 
@@ -522,8 +545,9 @@ def detect_video(path: Path, key: str, prefix: str, o: Video2FacesOptions, ws: W
                     warm_imports(o.group_mode)
                 bar.update(len(batch))
                 bar.set_postfix(faces=sink.stats.faces)
+            embedder.wait()  # its last whole batch still in the stream, whatever the timing
         table = sink.table()
-        embedder.fill(table)
+        embedder.fill(table)  # the remainder (one call: not worth a graph)
         store.finish()
     finally:
         for pool in (side, finders):
