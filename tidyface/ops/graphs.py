@@ -110,7 +110,7 @@ class GraphForward:
 def stream(*models, enabled: bool = True):
     """Inside, the models' CPU float32 forwards run as graphs (those `run_as_graphs` gave them),
     each input shape compiled at its first call: open it around a stream of same-shaped inputs
-    long enough to repay the builds (tens of forwards each). enabled=False: a no-op, so a task
+    long enough to repay the builds (ten forwards or more each). enabled=False: a no-op, so a task
     can decide by its input."""
     forwards = [f for m in models for f in _graph_forwards(m)] if enabled else []
     with _LOCK:
@@ -126,7 +126,8 @@ def stream(*models, enabled: bool = True):
 
 def _graph_forwards(model) -> list[GraphForward]:
     modules = model.modules() if isinstance(model, torch.nn.Module) else [model]
-    return [f for m in modules if isinstance(f := getattr(m, "__dict__", {}).get("forward"), GraphForward)]
+    found = (getattr(m, "__dict__", {}).get("forward") for m in modules)  # set on the instance
+    return [f for f in found if isinstance(f, GraphForward)]
 
 
 def _traced(forward: Callable, x: Tensor):
@@ -169,8 +170,8 @@ def _flat(out) -> list[Tensor]:
 def run_as_graphs(model: torch.nn.Module, name: str) -> torch.nn.Module:
     """`model` whose forward runs as CPU graphs inside a `stream` (GraphForward) where its class
     says its forward is traceable (`traceable_forward = True`: tensor operations only, their
-    shapes decided by the input's) and this process allows them. The model's parameters stop requiring gradients:
-    a traced function holds them as constants."""
+    shapes decided by the input's) and this process allows them. The model's parameters stop
+    requiring gradients: a traced function holds them as constants."""
     if not getattr(model, "traceable_forward", False) or not graphs_enabled():
         return model
     model.requires_grad_(False)
