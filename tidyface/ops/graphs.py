@@ -9,7 +9,7 @@ Same for RetinaFace mnet0.25, YuNet, CenterFace and MobileFaceNet: 20-35% less t
 the raw heads).
 
 A graph is specialised to one input shape, and building it (trace, then a profiling and a
-compiling run) costs 0.45-0.55 s on 2 cores (CenterFace 1.4 s), ten forwards or more: it pays
+compiling run) costs 0.45-0.56 s on 2 cores (CenterFace 1.4 s), ten forwards or more: it pays
 off only over a long stream of inputs of one shape. So graphs run only inside `stream(model,
 ...)`, which a task opens around such a stream (anonymize over a video's every frame,
 video2faces over a long video); there a shape is compiled at its first call and every call of
@@ -101,7 +101,8 @@ class GraphForward:
 
     def _give_up(self, eager, why: str):
         self.disabled = True
-        self.graphs.clear()
+        with _LOCK:  # __call__ reads the table under it
+            self.graphs.clear()
         warnings.warn(f"{self.name} runs op by op on the CPU: {why}", RuntimeWarning, stacklevel=4)
         return eager
 

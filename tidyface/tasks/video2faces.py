@@ -201,7 +201,7 @@ class FrameSource:
     def whole_video_samples(self) -> int:
         """Frames the sampling takes from the whole video, fragment or not (0: length unknown).
         It decides CPU graphs, so a Ray chunk decides as its whole video's local run does."""
-        return int(self.info.duration_s / self.o.video_step) + 1 if self.info.duration_s else 0
+        return self._samples(self.info.duration_s) if self.info.duration_s else 0
 
     def expected_frames(self) -> int | None:
         if not self.info.duration_s:
@@ -210,6 +210,9 @@ class FrameSource:
         if frag:
             end = frag[1] if frag[1] is not None and frag[1] >= 0 else float("inf")
             span = min(span, end * 60) - frag[0] * 60
+        return self._samples(span)
+
+    def _samples(self, span: float) -> int:
         return max(1, int(span / self.o.video_step) + 1)
 
     def _read(self) -> None:
