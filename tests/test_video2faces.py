@@ -42,18 +42,24 @@ def rows(out: Path):
 
 def labelled(out: Path):
     """(truth person, predicted group) for every labelled face that the run kept."""
+    return list(labelled_by_truth(out).values())
+
+
+def labelled_by_truth(out: Path) -> dict:
+    """{row of the truth table: (truth person, predicted group)} for the labelled faces the run
+    kept (the kept box of the frame with IoU >= 0.5), so that two runs compare face by face."""
     truth = [r for r in csv.DictReader(l for l in open(TRUTH) if not l.startswith("#"))]
     z = np.load(out / ".tidyface/video_01.npz")
     group_of = {Path(r["file"]).name: r["group"] for r in rows(out)}
-    pairs = []
-    for t in truth:
+    pairs = {}
+    for row, t in enumerate(truth):
         sel = np.flatnonzero(z["frame"] == int(t["frame"]))
         if not len(sel):
             continue
         iou = box_iou(torch.tensor([[float(t[k]) for k in ("x1", "y1", "x2", "y2")]]),
                       torch.from_numpy(z["boxes"][sel]))[0]
         if iou.max() >= 0.5:
-            pairs.append((t["person"], group_of[str(z["name"][sel[int(iou.argmax())]])]))
+            pairs[row] = (t["person"], group_of[str(z["name"][sel[int(iou.argmax())]])])
     return pairs
 
 
